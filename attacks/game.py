@@ -1,0 +1,243 @@
+"""The task-inference security game played against a black-box embedding oracle (CONTRACT §5).
+
+The adversary sees only `oracle(inputs) -> embeddings`.  Each task's pool is embedded once;
+every trial then draws, per task, a uniformly random k-subset of that pool and scores it.
+All trials of all tasks are drawn and scored as single array operations.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .grouping import pad_by_task, valid_mask
+from .metrics import auc_bootstrap_ci, roc_metrics
+from .statistics import as_float_array, inner_product_from_gram, variance_from_gram
+from .whitening import DEFAULT_WHITEN_LAMBDA, whiten_padded
+
+STATISTICS = ("variance", "inner_product")
+GAMES = ("strong", "weak", "null_control")
+DEFAULT_BOOTSTRAP = 1000
+DEFAULT_BATCH_SIZE = 1024
+_CHUNK_ELEMENTS = 1 << 23  # bound on the elements of one batch of gathered challenge data
+_FULL_GRAM_ELEMENTS = 1 << 24  # per-task Gram matrices up to this size are precomputed
+
+
+def embed_pools(oracle: Callable, pools: Sequence, batch_size: int = DEFAULT_BATCH_SIZE):
+    """Embed every sample of every pool once: -> (emb (N, d) float64, task_index (N,)).
+
+    `pools` is a sequence of per-task inputs (tensors or arrays of shape (n_t, ...)); they are
+    concatenated and sent to the oracle in chunks of `batch_size`.
+    """
+    import torch
+
+    tensors = [torch.as_tensor(pool) for pool in pools]
+    sizes = np.array([len(t) for t in tensors], dtype=np.int64)
+    inputs = torch.cat(tensors) if tensors else torch.empty(0)
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, len(inputs), batch_size):
+            batch = inputs[start : start + batch_size]
+            emb = as_float_array(oracle(batch))
+            if emb.ndim != 2 or emb.shape[0] != len(batch):
+                raise ValueError(f"oracle returned shape {emb.shape} for a batch of {len(batch)} inputs; expected (n, d)")
+            chunks.append(emb)
+    emb = np.concatenate(chunks) if chunks else np.zeros((0, 0))
+    if not np.all(np.isfinite(emb)):
+        raise ValueError("oracle returned NaN or infinite embeddings")
+    return emb, np.repeat(np.arange(len(sizes)), sizes)
+
+
+def draw_subsets(counts: np.ndarray, k: int, trials: int, rng: np.random.Generator) -> np.ndarray:
+    """Slots (trials, T, k): per trial and task, a uniform k-subset of range(counts[t]).
+
+    Uniform random keys with +inf on padding; the k smallest keys pick a subset without
+    replacement, uniformly (the order within a subset is irrelevant to the statistics).
+    """
+    counts = np.asarray(counts)
+    if not 1 <= k <= counts.min():
+        raise ValueError(f"k={k} must lie in [1, smallest pool size = {counts.min()}]")
+    max_n = int(counts.max())
+    padding = ~valid_mask(counts, max_n)
+    per_chunk = max(1, _CHUNK_ELEMENTS // (counts.size * max_n))
+    slots = np.empty((trials, counts.size, k), dtype=np.int64)
+    for first in range(0, trials, per_chunk):
+        keys = rng.random((min(per_chunk, trials - first), counts.size, max_n))
+        keys[:, padding] = np.inf
+        slots[first : first + len(keys)] = np.argpartition(keys, k - 1, axis=-1)[..., :k]
+    return slots
+
+
+def challenge_grams(padded: np.ndarray, slots: np.ndarray, task_grams: np.ndarray | None = None) -> np.ndarray:
+    """Gram matrices (trials, T, k, k) of the challenge sets padded[t, slots[r, t]].
+
+    With `task_grams` (T, n, n) = padded @ padded^T, the k x k blocks are gathered from it
+    (cheaper when pools are small); otherwise the k rows are gathered and multiplied.
+    """
+    tasks = np.arange(padded.shape[0])[:, None]
+    if task_grams is not None:
+        return task_grams[tasks[..., None], slots[..., :, None], slots[..., None, :]]
+    rows = padded[tasks, slots]
+    return rows @ np.swapaxes(rows, -1, -2)
+
+
+def _task_grams_if_small(padded: np.ndarray, k: int, trials: int) -> np.ndarray | None:
+    tasks, n, d = padded.shape
+    if tasks * n * n > _FULL_GRAM_ELEMENTS or n * n > trials * k * d:
+        return None
+    return padded @ np.swapaxes(padded, -1, -2)
+
+
+def challenge_scores(
+    emb,
+    task_index,
+    n_in_tasks: int,
+    k: int,
+    trials: int,
+    rng: np.random.Generator,
+    whiten: bool = False,
+    cosine: bool = False,
+    whiten_lambda: float = DEFAULT_WHITEN_LAMBDA,
+    k_key: str = "k",
+) -> dict[str, dict[str, np.ndarray]]:
+    """Score `trials` random k-subsets of every task: {statistic: {"in": (n_in, trials), "out": (n_out, trials)}}.
+
+    Tasks 0..n_in_tasks-1 of `task_index` are IN, the rest OUT.  With `whiten`, each task's
+    embeddings first get its leave-one-task-out transform built from all the others.
+    `k_key` names k in error messages (e.g. "attack.k_strong").
+    """
+    emb = as_float_array(emb)
+    padded, counts = pad_by_task(emb, task_index)
+    if not 0 < n_in_tasks < counts.size:
+        raise ValueError(f"need at least one IN and one OUT task; got {n_in_tasks} IN of {counts.size}")
+    if k < 2:
+        raise ValueError(f"{k_key} must be at least 2 (statistics need a pair); got {k}")
+    if k > counts.min():
+        smallest = int(np.argmin(counts))
+        side = "IN" if smallest < n_in_tasks else "OUT"
+        raise ValueError(f"{k_key} = {k} exceeds the smallest {side} pool ({counts[smallest]} samples)")
+    if whiten:
+        padded = whiten_padded(padded, counts, whiten_lambda)
+    slots = draw_subsets(counts, k, trials, rng)
+    # The variance statistic is shift invariant: centring each task first avoids cancellation.
+    task_means = padded.sum(axis=1) / counts[:, None]
+    centred = np.where(valid_mask(counts, padded.shape[1])[..., None], padded - task_means[:, None], 0.0)
+    raw_grams = _task_grams_if_small(padded, k, trials)
+    centred_grams = _task_grams_if_small(centred, k, trials)
+    d = padded.shape[-1]
+    per_chunk = max(1, _CHUNK_ELEMENTS // (counts.size * k * max(k, d)))
+    variance, inner_product = [], []
+    for first in range(0, trials, per_chunk):
+        chunk = slots[first : first + per_chunk]
+        variance.append(variance_from_gram(challenge_grams(centred, chunk, centred_grams), d))
+        inner_product.append(inner_product_from_gram(challenge_grams(padded, chunk, raw_grams), cosine))
+    scores = {"variance": np.concatenate(variance).T, "inner_product": np.concatenate(inner_product).T}
+    return {name: {"in": s[:n_in_tasks], "out": s[n_in_tasks:]} for name, s in scores.items()}
+
+
+def game_metrics(scores_in: np.ndarray, scores_out: np.ndarray, k: int, n_boot: int, rng) -> dict:
+    """CONTRACT §4 METRICS for one game and statistic; rows of the score arrays are tasks."""
+    metrics = roc_metrics(scores_in, scores_out)
+    return {
+        "auc": metrics["auc"],
+        "auc_ci95": auc_bootstrap_ci(scores_in, scores_out, n_boot, rng),
+        "tpr_at_fpr": metrics["tpr_at_fpr"],
+        "percentile": metrics["percentile"],
+        "k": int(k),
+        "trials": int(scores_in.shape[1]),
+        "num_in_tasks": int(scores_in.shape[0]),
+        "num_out_tasks": int(scores_out.shape[0]),
+    }
+
+
+def _positive_int(cfg: dict, key: str, minimum: int = 1) -> int:
+    value = cfg.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"attack.{key} must be an integer >= {minimum}; got {value!r}")
+    return int(value)
+
+
+def _flag(cfg: dict, key: str, default: bool = False) -> bool:
+    value = cfg.get(key, default)
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"attack.{key} must be true or false; got {value!r}")
+    return bool(value)
+
+
+def validate_attack_config(attack_cfg: dict, pool_sizes: dict | None = None) -> dict:
+    """Check the attack section and fill defaults; raise ValueError naming the bad key.
+
+    `pool_sizes` optionally maps "strong" / "weak" to the smallest pool size of that game, so
+    an impossible k is caught before any training or embedding work.
+    """
+    cfg = {
+        "trials": _positive_int(attack_cfg, "trials"),
+        "k_strong": _positive_int(attack_cfg, "k_strong", 2),
+        "k_weak": _positive_int(attack_cfg, "k_weak", 2),
+        "whiten": _flag(attack_cfg, "whiten"),
+        "cosine": _flag(attack_cfg, "cosine"),
+        "whiten_lambda": attack_cfg.get("whiten_lambda", DEFAULT_WHITEN_LAMBDA),
+        "bootstrap": _positive_int({"bootstrap": DEFAULT_BOOTSTRAP, **attack_cfg}, "bootstrap"),
+        "batch_size": _positive_int({"batch_size": DEFAULT_BATCH_SIZE, **attack_cfg}, "batch_size"),
+    }
+    lam = cfg["whiten_lambda"]
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not np.isfinite(lam) or lam < 0:
+        raise ValueError(f"attack.whiten_lambda must be a finite number >= 0; got {lam!r}")
+    cfg["whiten_lambda"] = float(lam)
+    for game, size in (pool_sizes or {}).items():
+        key = f"k_{game}"
+        if cfg[key] > size:
+            raise ValueError(f"attack.{key} = {cfg[key]} exceeds the smallest {game} pool ({size} samples per task)")
+    return cfg
+
+
+def _smallest_pool(in_pools, out_pools) -> int:
+    return int(min(len(p) for p in [*in_pools, *out_pools]))
+
+
+def run_security_games(oracle: Callable, null_oracle: Callable, pools: dict, attack_cfg: dict, seed: int, progress=print):
+    """Play the strong, weak and null-control games with both statistics.
+
+    pools = {"strong": (in_pools, out_pools), "weak": (in_pools, out_pools)}: strong IN pools
+    hold training samples, weak IN pools held-out ones.  null_control replays the strong game,
+    with the very same subsets, against `null_oracle` (the untrained encoder).  Each game
+    whitens with its own pooled IN and OUT embeddings.  Returns (results, raw_scores):
+    results[statistic][game] is CONTRACT §4 METRICS, raw_scores[statistic][game] = {"in", "out"}.
+    """
+    cfg = validate_attack_config(attack_cfg, {g: _smallest_pool(*pools[g]) for g in ("strong", "weak")})
+    subset_seed_strong, subset_seed_weak, bootstrap_seed = np.random.SeedSequence(seed).spawn(3)
+    bootstrap_rng = np.random.default_rng(bootstrap_seed)
+    plan = {
+        "strong": (oracle, pools["strong"], cfg["k_strong"], "attack.k_strong", subset_seed_strong),
+        "weak": (oracle, pools["weak"], cfg["k_weak"], "attack.k_weak", subset_seed_weak),
+        "null_control": (null_oracle, pools["strong"], cfg["k_strong"], "attack.k_strong", subset_seed_strong),
+    }
+    embedded = {}  # (oracle, pool list) -> embeddings, so shared OUT pools are queried once
+
+    def embed(query, pool_list):
+        key = (id(query), tuple(id(p) for p in pool_list))
+        if key not in embedded:
+            embedded[key] = embed_pools(query, pool_list, cfg["batch_size"])[0]
+        return embedded[key]
+
+    results = {name: {} for name in STATISTICS}
+    raw_scores = {name: {} for name in STATISTICS}
+    for game, (query, (in_pools, out_pools), k, k_key, subset_seed) in plan.items():
+        started = time.perf_counter()
+        emb = np.concatenate((embed(query, in_pools), embed(query, out_pools)))
+        sizes = [len(p) for p in [*in_pools, *out_pools]]
+        scores = challenge_scores(
+            emb, np.repeat(np.arange(len(sizes)), sizes), len(in_pools), k, cfg["trials"],
+            np.random.default_rng(subset_seed), cfg["whiten"], cfg["cosine"], cfg["whiten_lambda"], k_key,
+        )
+        for name in STATISTICS:
+            raw_scores[name][game] = scores[name]
+            results[name][game] = game_metrics(scores[name]["in"], scores[name]["out"], k, cfg["bootstrap"], bootstrap_rng)
+        aucs = ", ".join(f"{name} AUC {results[name][game]['auc']:.3f}" for name in STATISTICS)
+        progress(
+            f"attack {game:>12}: {len(in_pools)} IN + {len(out_pools)} OUT tasks x {cfg['trials']} trials, "
+            f"k={k}: {aucs} ({time.perf_counter() - started:.1f} s)"
+        )
+    return results, raw_scores

@@ -1,0 +1,125 @@
+"""The per-task math of federated multitask learning, free of any federation code.
+
+Each function takes the shared (encoder) parameters and one task's private (head /
+adapter) parameters as plain dicts of tensors and is written with ``torch.func`` so
+that the Flower ClientApp can call it for one task and the vectorised engine can
+``vmap`` the very same function over a batch of tasks.
+
+One round for one task (the paper's Algorithm 3, FedRep order): ``head_steps`` SGD
+steps on the private parameters with the encoder fixed, then the gradient of the
+task's loss with respect to the shared encoder at the updated head. The server
+averages those encoder gradients (FedSGD) and applies its optimizer.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad_and_value
+
+from fedtask.models import TaskModel
+
+Params = Mapping[str, torch.Tensor]
+IGNORE_INDEX = -100
+
+
+def logits_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over every labelled position (sequence outputs are flattened)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def task_loss(model: TaskModel, shared: Params, private: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits = functional_call(model, {**shared, **private}, (x,))
+    return logits_loss(logits, y)
+
+
+def _head_loss(model: TaskModel, private: Params, embeddings: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    head = {name[len("head."):]: value for name, value in private.items()}
+    return logits_loss(functional_call(model.head, head, (embeddings,)), y)
+
+
+def embed(model: TaskModel, shared: Params, x: torch.Tensor) -> torch.Tensor:
+    """Embeddings under the given shared parameters (the encoder alone)."""
+    encoder = {name[len("encoder."):]: value for name, value in shared.items() if name.startswith("encoder.")}
+    return functional_call(model.encoder, encoder, (x,))
+
+
+def head_steps(model: TaskModel, shared: Params, private: Params, x: torch.Tensor, y: torch.Tensor,
+               lr: float, weight_decay: float, steps: int) -> dict[str, torch.Tensor]:
+    """``steps`` SGD steps (decoupled weight decay) on a task's private parameters.
+
+    With a linear head only, the embeddings are computed once: the encoder is fixed
+    during these steps, so recomputing them would only cost time.
+    """
+    private = dict(private)
+    frozen = {name: value.detach() for name, value in shared.items()}
+    if model.head_only:
+        embeddings = embed(model, frozen, x).detach()
+        step = grad_and_value(lambda p: _head_loss(model, p, embeddings, y))
+    else:
+        step = grad_and_value(lambda p: task_loss(model, frozen, p, x, y))
+    for _ in range(steps):
+        grads, _ = step(private)
+        private = {name: value - lr * (grads[name] + weight_decay * value) for name, value in private.items()}
+    return private
+
+
+def encoder_gradient(model: TaskModel, shared: Params, private: Params, x: torch.Tensor, y: torch.Tensor,
+                     trainable: list[str] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Gradient of the task's loss with respect to the trainable shared parameters."""
+    names = list(trainable) if trainable is not None else list(shared)
+    fixed = {name: value for name, value in shared.items() if name not in names}
+    frozen_private = {name: value.detach() for name, value in private.items()}
+
+    def loss_of(train: Params) -> torch.Tensor:
+        return task_loss(model, {**fixed, **train}, frozen_private, x, y)
+
+    grads, loss = grad_and_value(loss_of)({name: shared[name] for name in names})
+    return grads, loss
+
+
+def local_round(model: TaskModel, shared: Params, private: Params, x: torch.Tensor, y: torch.Tensor,
+                lr: float, weight_decay: float, steps: int, warm_start: bool,
+                trainable: list[str] | None = None):
+    """One task's round: head steps, then (unless warm-starting) its encoder gradient.
+
+    Returns (new private params, encoder gradient dict or None, loss before the round).
+    """
+    with torch.no_grad():
+        loss_before = task_loss(model, shared, private, x, y)
+    private = head_steps(model, shared, private, x, y, lr, weight_decay, steps)
+    if warm_start:
+        return private, None, loss_before
+    grads, _ = encoder_gradient(model, shared, private, x, y, trainable)
+    return private, grads, loss_before
+
+
+@torch.no_grad()
+def accuracy(model: TaskModel, shared: Params, private: Params, x: torch.Tensor, y: torch.Tensor,
+             batch_size: int = 512) -> float:
+    """Fraction of labelled positions predicted right (batched to bound memory)."""
+    correct, total = 0, 0
+    for start in range(0, len(x), batch_size):
+        logits = functional_call(model, {**shared, **private}, (x[start:start + batch_size],))
+        labels = y[start:start + batch_size].reshape(-1)
+        predictions = logits.reshape(-1, logits.shape[-1]).argmax(-1)
+        mask = labels != IGNORE_INDEX
+        correct += int((predictions[mask] == labels[mask]).sum())
+        total += int(mask.sum())
+    return correct / max(total, 1)
+
+
+def batch_indices(num_samples: int, batch_size: int, seed: int, server_round: int, task_index: int) -> torch.Tensor | None:
+    """A task's minibatch for a round, seeded by (seed, round, task) so engines agree.
+
+    ``None`` means the whole task (batch_size 0 or not smaller than the task).
+    """
+    if batch_size <= 0 or batch_size >= num_samples:
+        return None
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + server_round) * 1_000_033 + task_index)
+    return torch.randperm(num_samples, generator=gen)[:batch_size]
+
+
+def flat_norm(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return torch.sqrt(sum((t.float() ** 2).sum() for t in tensors.values()))

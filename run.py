@@ -1,0 +1,124 @@
+#!/usr/bin/env python
+"""fedtask command line: train federations, attack them, sweep DP budgets, trace means.
+
+    python run.py                      # = experiment --config configs/synthetic.toml
+    python run.py experiment --config FILE [--set KEY=VALUE ...] [--out DIR]
+    python run.py train      --config FILE [--set KEY=VALUE ...] [--out DIR]
+    python run.py attack     --run DIR     [--set KEY=VALUE ...]
+    python run.py dp-sweep   --config FILE --epsilons inf,16,8 [--set ...] [--out DIR]
+    python run.py tracing    [--tasks 256 --dim 256 --samples 8 --k 4 --trials 4000 ...] [--out DIR]
+    python run.py bench      [--out DIR] [--quick]
+
+Bad input exits with status 2 and one line naming the key or file.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+
+DEFAULT_CONFIG = "configs/synthetic.toml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run.py", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command")
+
+    def with_config(p, config_required=False):
+        p.add_argument("--config", default=None if config_required else DEFAULT_CONFIG, required=config_required,
+                       help="TOML preset (default: %(default)s)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a dotted config key, value read as TOML (repeatable)")
+        p.add_argument("--out", default=None, help="output directory (default: outputs/<config>-<timestamp>/)")
+
+    with_config(sub.add_parser("experiment", help="train a federation, then attack it"))
+    with_config(sub.add_parser("train", help="train a federation"))
+    p = sub.add_parser("attack", help="attack a finished run post-training")
+    p.add_argument("--run", required=True, help="a run directory written by train/experiment")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override attack.* keys")
+    p = sub.add_parser("dp-sweep", help="one federation per privacy budget, each attacked")
+    with_config(p)
+    p.add_argument("--epsilons", required=True, help="comma-separated budgets, 'inf' for no noise")
+    p = sub.add_parser("tracing", help="the mean-estimation tracing analog (paper Section 4)")
+    for flag, default, kind in (("tasks", 256, int), ("dim", 256, int), ("samples", 8, int), ("k", 4, int),
+                                ("trials", 4000, int), ("task-std", 1.0, float), ("sample-std", 1.0, float),
+                                ("seed", 0, int)):
+        p.add_argument(f"--{flag}", type=kind, default=default)
+    p.add_argument("--out", default=None)
+    p = sub.add_parser("bench", help="speed benchmarks: engines, Flower overhead, attack throughput")
+    p.add_argument("--out", default=None)
+    p.add_argument("--quick", action="store_true", help="smaller settings, for a smoke check")
+    return parser
+
+
+def _out_dir(out: str | None, name: str) -> Path:
+    if out:
+        return Path(out)
+    return Path("outputs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["experiment", *argv]
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+    from fedtask.config import ConfigError
+
+    try:
+        return _dispatch(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    from fedtask import pipeline
+    from fedtask.config import ConfigError, load_config
+
+    if args.command in ("experiment", "train", "dp-sweep"):
+        config = load_config(args.config, args.set)
+        name = Path(args.config).stem + ("-dp-sweep" if args.command == "dp-sweep" else "")
+        out = _out_dir(args.out, name)
+        if args.command == "experiment":
+            pipeline.experiment(config, out)
+        elif args.command == "train":
+            pipeline.train(config, out)
+        else:
+            from fedtask.sweep import dp_sweep, parse_epsilons
+
+            dp_sweep(config, parse_epsilons(args.epsilons), out)
+        return 0
+    if args.command == "attack":
+        pipeline.attack(Path(args.run), args.set)
+        return 0
+    if args.command == "tracing":
+        from attacks import format_tracing, write_tracing
+
+        out = _out_dir(args.out, "tracing")
+        try:
+            result = write_tracing(out, tasks=args.tasks, dim=args.dim, samples=args.samples, k=args.k,
+                                   trials=args.trials, task_std=args.task_std, sample_std=args.sample_std,
+                                   seed=args.seed)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        print(format_tracing(result))
+        print(f"wrote {out / 'tracing.json'} and {out / 'tracing.png'}", file=sys.stderr)
+        return 0
+    if args.command == "bench":
+        from fedtask.bench import run_bench
+
+        run_bench(_out_dir(args.out, "bench"), quick=args.quick)
+        return 0
+    raise ConfigError(f"unknown command {args.command!r}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The Flower strategy: FedSGD on the shared encoder, tasks sampled by partition id.
+
+Flower's node ids are random per run and replies arrive in any order, so the
+strategy samples *partition ids* from a generator seeded per round and aggregates
+the replies sorted by partition id: the same seed gives the same encoder. The math
+is :class:`strategies.fedsgd.EncoderAggregator`; this class only moves messages.
+
+Message protocol (what the ClientApp reads): content["encoder"] is the encoder's
+ArrayRecord, content["config"] a ConfigRecord with "run-config" (the resolved run
+configuration as JSON), "server-round" and "warm-start". Replies carry
+content["metrics"] (with "partition-id") and, outside warm-start rounds,
+content["encoder-grad"], the task's encoder gradient.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from strategies.fedsgd import EncoderAggregator
+from strategies.sampling import sample_fixed, sample_poisson
+
+
+class FederationError(RuntimeError):
+    """A client failed or the federation could not proceed."""
+
+
+class FedSGDStrategy(Strategy):
+    def __init__(self, aggregator: EncoderAggregator, node_of_partition: dict[int, int], run_config_json: str,
+                 tasks_per_round: int, warm_start_rounds: int, seed: int, poisson_rate: float | None = None,
+                 on_round: Callable[[dict], None] | None = None):
+        self.aggregator = aggregator
+        self.node_of_partition = node_of_partition
+        self.num_tasks = len(node_of_partition)
+        self.run_config_json = run_config_json
+        self.tasks_per_round = tasks_per_round
+        self.warm_start_rounds = warm_start_rounds
+        self.seed = seed
+        self.poisson_rate = poisson_rate
+        self.on_round = on_round
+        self._round_started = 0.0
+
+    def is_warm_start(self, server_round: int) -> bool:
+        return server_round <= self.warm_start_rounds
+
+    def sample(self, server_round: int) -> list[int]:
+        """Warm-start rounds sample a fixed number; DP training rounds sample by Poisson."""
+        if self.poisson_rate is not None and not self.is_warm_start(server_round):
+            return sample_poisson(self.num_tasks, self.poisson_rate, self.seed, server_round)
+        return sample_fixed(self.num_tasks, self.tasks_per_round, self.seed, server_round)
+
+    def summary(self) -> None:  # Flower calls this at start; our progress lines say enough
+        pass
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._round_started = time.perf_counter()
+        record = RecordDict({
+            "encoder": arrays,
+            "config": ConfigRecord({"run-config": self.run_config_json, "server-round": server_round,
+                                    "warm-start": self.is_warm_start(server_round)}),
+        })
+        return [Message(content=record, message_type="train", dst_node_id=self.node_of_partition[pid])
+                for pid in self.sample(server_round)]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = sorted(check_replies(replies), key=lambda m: int(m.content["metrics"]["partition-id"]))
+        losses = [float(m.content["metrics"]["loss"]) for m in replies]
+        stats: dict = {}
+        if not self.is_warm_start(server_round):
+            grads = [m.content["encoder-grad"].to_torch_state_dict() for m in replies]
+            stats = self.aggregator.step(grads, server_round)
+        row = {
+            "round": server_round,
+            "phase": "warm_start" if self.is_warm_start(server_round) else "train",
+            "tasks": [int(m.content["metrics"]["partition-id"]) for m in replies],
+            "loss": sum(losses) / len(losses) if losses else float("nan"),
+            "seconds": time.perf_counter() - self._round_started,
+            **stats,
+        }
+        if self.on_round:
+            self.on_round(row)
+        metrics = MetricRecord({"loss": row["loss"], "num-tasks": len(replies)})
+        return ArrayRecord(torch_state_dict=self.aggregator.state()), metrics
+
+    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
+        return []  # utility is measured once, after the last round (see server_app)
+
+    def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
+        return None
+
+
+def check_replies(replies: Iterable[Message]) -> list[Message]:
+    replies = list(replies)
+    for reply in replies:
+        if reply.has_error():
+            raise FederationError(f"a client failed: {reply.error.reason}")
+    return replies
