@@ -76,7 +76,7 @@ def run_federation(grid: Grid, config: dict, out_dir: Path, progress: Callable[[
 
     strategy = FedSGDStrategy(
         aggregator, node_of_partition, config_json, fed["tasks_per_round"], fed["warm_start_rounds"], config["seed"],
-        poisson_rate=fed["tasks_per_round"] / num_tasks if dp["enabled"] else None, on_round=on_round)
+        dp_enabled=dp["enabled"], on_round=on_round)
     strategy.start(grid, ArrayRecord(torch_state_dict=initial), num_rounds=fed["rounds"], timeout=REPLY_TIMEOUT)
     final = aggregator.state()
     evaluation = evaluate_heads(grid, node_of_partition, ArrayRecord(torch_state_dict=final), config_json,

@@ -38,8 +38,15 @@ def _check_accountant(accountant: str) -> str:
     return accountant
 
 
+def _as_float(x: Any) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan  # fails every range check below, so the message names the key
+
+
 def _check_rate(sample_rate: float) -> None:
-    if not (isinstance(sample_rate, (int, float)) and 0 < sample_rate <= 1):
+    if not 0 < _as_float(sample_rate) <= 1:
         raise ValueError(
             "sampling rate q = federation.tasks_per_round / data.num_in_tasks must be in (0, 1]; "
             f"got {sample_rate}"
@@ -47,7 +54,7 @@ def _check_rate(sample_rate: float) -> None:
 
 
 def _check_delta(delta: float) -> None:
-    if not (isinstance(delta, (int, float)) and 0 < delta < 1):
+    if not 0 < _as_float(delta) < 1:
         raise ValueError(f"dp.delta must be in (0, 1); got {delta}")
 
 
@@ -87,7 +94,7 @@ def epsilon_spent(
     _check_rate(sample_rate)
     _check_delta(delta)
     _check_steps(steps, 0)
-    if not noise_multiplier >= 0:
+    if not _as_float(noise_multiplier) >= 0:
         raise ValueError(f"dp.noise_multiplier must be >= 0; got {noise_multiplier}")
     if steps == 0:
         return 0.0
@@ -117,9 +124,9 @@ def calibrate_noise_multiplier(
     _check_rate(sample_rate)
     _check_delta(delta)
     _check_steps(steps, 1)
-    if not (isinstance(target_epsilon, (int, float)) and target_epsilon > 0):
+    if not _as_float(target_epsilon) > 0:
         raise ValueError(f"dp.target_epsilon must be > 0 (inf = no noise); got {target_epsilon}")
-    if math.isinf(target_epsilon):
+    if math.isinf(float(target_epsilon)):
         return 0.0
     try:
         with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():

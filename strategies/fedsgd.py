@@ -16,8 +16,14 @@ from strategies.dp import dp_aggregate
 from strategies.sampling import noise_generator
 
 
-def flatten(grads: Sequence[Mapping[str, torch.Tensor]], names: Sequence[str]) -> torch.Tensor:
-    """Stack per-task gradient dicts into one (tasks, parameters) matrix."""
+def flatten(grads: Sequence[Mapping[str, torch.Tensor]] | Mapping[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor:
+    """One (tasks, parameters) matrix from per-task gradient dicts or from stacked tensors.
+
+    A mapping holds each parameter's gradients stacked over tasks (the vectorised
+    engine); a sequence holds one dict per task (Flower replies).
+    """
+    if isinstance(grads, Mapping):
+        return torch.cat([grads[name].reshape(grads[name].shape[0], -1).float() for name in names], dim=1)
     if not grads:
         return torch.zeros(0, 0)
     return torch.stack([torch.cat([g[name].reshape(-1).float() for name in names]) for g in grads])
@@ -51,7 +57,8 @@ class EncoderAggregator:
         """The encoder as released: trainable parameters and fixed tensors, detached."""
         return {**self.fixed, **{name: p.detach().clone() for name, p in self.params.items()}}
 
-    def step(self, grads: Sequence[Mapping[str, torch.Tensor]], server_round: int) -> dict[str, float]:
+    def step(self, grads: Sequence[Mapping[str, torch.Tensor]] | Mapping[str, torch.Tensor],
+             server_round: int) -> dict[str, float]:
         """Aggregate the round's task gradients (given in partition-id order) and update."""
         updates = flatten(grads, self.names)
         size = sum(p.numel() for p in self.params.values())

@@ -21,7 +21,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from strategies.fedsgd import EncoderAggregator
-from strategies.sampling import sample_fixed, sample_poisson
+from strategies.sampling import sample_round
 
 
 class FederationError(RuntimeError):
@@ -30,7 +30,7 @@ class FederationError(RuntimeError):
 
 class FedSGDStrategy(Strategy):
     def __init__(self, aggregator: EncoderAggregator, node_of_partition: dict[int, int], run_config_json: str,
-                 tasks_per_round: int, warm_start_rounds: int, seed: int, poisson_rate: float | None = None,
+                 tasks_per_round: int, warm_start_rounds: int, seed: int, dp_enabled: bool = False,
                  on_round: Callable[[dict], None] | None = None):
         self.aggregator = aggregator
         self.node_of_partition = node_of_partition
@@ -39,7 +39,7 @@ class FedSGDStrategy(Strategy):
         self.tasks_per_round = tasks_per_round
         self.warm_start_rounds = warm_start_rounds
         self.seed = seed
-        self.poisson_rate = poisson_rate
+        self.dp_enabled = dp_enabled
         self.on_round = on_round
         self._round_started = 0.0
 
@@ -47,10 +47,8 @@ class FedSGDStrategy(Strategy):
         return server_round <= self.warm_start_rounds
 
     def sample(self, server_round: int) -> list[int]:
-        """Warm-start rounds sample a fixed number; DP training rounds sample by Poisson."""
-        if self.poisson_rate is not None and not self.is_warm_start(server_round):
-            return sample_poisson(self.num_tasks, self.poisson_rate, self.seed, server_round)
-        return sample_fixed(self.num_tasks, self.tasks_per_round, self.seed, server_round)
+        return sample_round(self.num_tasks, self.tasks_per_round, self.seed, server_round,
+                            self.is_warm_start(server_round), self.dp_enabled)
 
     def summary(self) -> None:  # Flower calls this at start; our progress lines say enough
         pass

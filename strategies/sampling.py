@@ -25,6 +25,19 @@ def sample_poisson(num_tasks: int, rate: float, seed: int, server_round: int) ->
     return torch.nonzero(keep).flatten().tolist()
 
 
+def sample_round(num_tasks: int, tasks_per_round: int, seed: int, server_round: int, warm_start: bool,
+                 dp_enabled: bool) -> list[int]:
+    """The round's tasks, as every engine picks them.
+
+    Warm-start rounds do not touch the encoder, so they sample a fixed number; DP
+    training rounds sample by Poisson at q = tasks_per_round / num_tasks, which is what
+    the accountant's subsampled-Gaussian analysis assumes.
+    """
+    if dp_enabled and not warm_start:
+        return sample_poisson(num_tasks, tasks_per_round / num_tasks, seed, server_round)
+    return sample_fixed(num_tasks, tasks_per_round, seed, server_round)
+
+
 def noise_generator(seed: int, server_round: int) -> torch.Generator:
     """The generator for a round's DP noise (seeded apart from sampling)."""
     return torch.Generator().manual_seed(seed * 104_729 + server_round + 1_000_000_007)

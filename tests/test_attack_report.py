@@ -1,0 +1,64 @@
+"""report.md / roc.png / hist.png from a results.json dict, with and without attacks."""
+
+import numpy as np
+import pytest
+
+from attacks import format_tables, write_report
+from attacks.report import load_raw_scores, save_raw_scores
+
+RESULTS = {
+    "config": {"data": {"name": "synthetic", "setting": "personalization"}, "federation": {"rounds": 5}},
+    "utility": {"in_task_accuracy": 0.8125, "out_task_accuracy": None},
+    "privacy": {"enabled": True, "epsilon": 7.98, "delta": 1e-5, "noise_multiplier": 1.1, "clipping_norm": 1.0,
+                "sampling_rate": 0.25, "rounds": 40, "accountant": "rdp"},
+}
+
+
+def metrics(auc):
+    percentile = {q: {"tpr": 0.6, "fpr": 0.4, "balanced_accuracy": 0.6} for q in ("50", "75", "90")}
+    return {"auc": auc, "auc_ci95": [auc - 0.02, auc + 0.02], "tpr_at_fpr": {"0.001": 0.002, "0.01": 0.03, "0.1": 0.25},
+            "percentile": percentile, "k": 8, "trials": 16, "num_in_tasks": 10, "num_out_tasks": 10}
+
+
+def raw_scores():
+    rng = np.random.default_rng(0)
+    game = lambda shift: {"in": rng.normal(shift, 1, (10, 16)), "out": rng.normal(0, 1, (10, 16))}
+    return {s: {"strong": game(1.0), "weak": game(0.4), "null_control": game(0.0)} for s in ("variance", "inner_product")}
+
+
+def test_tables_without_attacks_say_so():
+    text = format_tables(RESULTS)
+    assert "81.2%" in text and "n/a" in text and "7.98" in text
+    assert "No attacks were run" in text
+
+
+def test_tables_follow_table_1_layout():
+    results = {**RESULTS, "attacks": {s: {g: metrics(a) for g, a in (("strong", 0.9), ("weak", 0.6), ("null_control", 0.5))}
+                                      for s in ("variance", "inner_product")}}
+    text = format_tables(results)
+    assert text.count("0.900 [0.880, 0.920]") == 2
+    assert "TPR @ 0.1% FPR" in text and "TPR @ 1% FPR" in text and "TPR @ 10% FPR" in text
+    assert "(60.0%, 40.0%)" in text and "90th pct (TPR, FPR)" in text
+    assert "Null control" in text
+
+
+def test_report_with_attacks_writes_linked_figures(tmp_path):
+    results = {**RESULTS, "attacks": {s: {g: metrics(0.7) for g in ("strong", "weak", "null_control")}
+                                      for s in ("variance", "inner_product")}}
+    path = write_report(results, raw_scores(), tmp_path)
+    report = path.read_text()
+    assert "](roc.png)" in report and "](hist.png)" in report and "synthetic" in report
+    assert (tmp_path / "roc.png").stat().st_size > 10_000 and (tmp_path / "hist.png").stat().st_size > 10_000
+
+
+def test_train_only_report_has_no_figures(tmp_path):
+    write_report(RESULTS, None, tmp_path)
+    assert (tmp_path / "report.md").exists() and not (tmp_path / "roc.png").exists()
+
+
+def test_raw_scores_round_trip(tmp_path):
+    raw = raw_scores()
+    save_raw_scores(raw, tmp_path / "scores.npz")
+    loaded = load_raw_scores(tmp_path / "scores.npz")
+    np.testing.assert_array_equal(loaded["inner_product"]["weak"]["out"], raw["inner_product"]["weak"]["out"])
+    assert set(loaded) == set(raw) and set(loaded["variance"]) == set(raw["variance"])
