@@ -13,7 +13,7 @@ from .game import (
     validate_attack_config,
 )
 from .metrics import auc_bootstrap_ci, roc_curve_points, roc_metrics
-from .report import format_tables, write_report
+from .report import format_tables, load_raw_scores, save_raw_scores, write_report
 from .statistics import inner_product_statistic, variance_statistic
 from .tracing import format_tracing, run_tracing, write_tracing
 from .whitening import whiten_by_task
@@ -26,10 +26,12 @@ __all__ = [
     "format_tables",
     "format_tracing",
     "inner_product_statistic",
+    "load_raw_scores",
     "roc_curve_points",
     "roc_metrics",
     "run_security_games",
     "run_tracing",
+    "save_raw_scores",
     "validate_attack_config",
     "variance_statistic",
     "whiten_by_task",

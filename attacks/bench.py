@@ -10,19 +10,11 @@ from .game import STATISTICS, challenge_scores
 from .metrics import auc_bootstrap_ci, roc_metrics
 
 
-def attack_throughput(n_tasks=512, trials=128, d=32, k_strong=8, k_weak=4, samples=16, seed=0, n_boot=1000) -> dict:
-    """Time both adversaries x both statistics, whitened, on random embeddings.
-
-    Half the tasks are IN.  Returns seconds for scoring, point metrics and the bootstrap CI,
-    their total, and (task, trial) points scored per second over the whole pipeline.
-    """
-    rng = np.random.default_rng(seed)
-    emb = rng.standard_normal((n_tasks * samples, d))
-    task_index = np.repeat(np.arange(n_tasks), samples)
+def _one_pass(emb, task_index, n_in_tasks, trials, ks, n_boot, rng) -> dict:
     seconds = {"scores": 0.0, "metrics": 0.0, "bootstrap": 0.0}
-    for k in (k_strong, k_weak):
+    for k in ks:
         started = time.perf_counter()
-        scores = challenge_scores(emb, task_index, n_tasks // 2, k, trials, rng, whiten=True)
+        scores = challenge_scores(emb, task_index, n_in_tasks, k, trials, rng, whiten=True)
         seconds["scores"] += time.perf_counter() - started
         for name in STATISTICS:
             started = time.perf_counter()
@@ -31,6 +23,22 @@ def attack_throughput(n_tasks=512, trials=128, d=32, k_strong=8, k_weak=4, sampl
             started = time.perf_counter()
             auc_bootstrap_ci(scores[name]["in"], scores[name]["out"], n_boot, rng)
             seconds["bootstrap"] += time.perf_counter() - started
+    return seconds
+
+
+def attack_throughput(n_tasks=512, trials=128, d=32, k_strong=8, k_weak=4, samples=16, seed=0, n_boot=1000,
+                      repeats=3) -> dict:
+    """Time both adversaries x both statistics, whitened, on random embeddings.
+
+    Half the tasks are IN.  Of `repeats` passes the fastest is reported (the usual guard
+    against a busy machine): seconds for scoring, point metrics and the bootstrap CI, their
+    total with and without the bootstrap, and (task, trial) points per second overall.
+    """
+    rng = np.random.default_rng(seed)
+    emb = rng.standard_normal((n_tasks * samples, d))
+    task_index = np.repeat(np.arange(n_tasks), samples)
+    passes = [_one_pass(emb, task_index, n_tasks // 2, trials, (k_strong, k_weak), n_boot, rng) for _ in range(repeats)]
+    seconds = min(passes, key=lambda p: sum(p.values()))
     total = sum(seconds.values())
     points = 2 * n_tasks * trials  # two adversaries; both statistics come from one scoring pass
     return {**{f"{key}_s": value for key, value in seconds.items()},

@@ -10,6 +10,8 @@ from fractions import Fraction
 
 import numpy as np
 
+from .blas import on_one_blas_thread
+
 FPR_LEVELS = ("0.001", "0.01", "0.1")
 PERCENTILES = ("50", "75", "90")
 
@@ -150,6 +152,7 @@ def bootstrap_aucs(u_matrix: np.ndarray, trials_in: int, trials_out: int, n_boot
     return pair_wins / (n_in_tasks * trials_in * n_out_tasks * trials_out)
 
 
+@on_one_blas_thread
 def auc_bootstrap_ci(scores_in, scores_out, n_boot: int = 1000, rng=None) -> list[float]:
     """95% percentile-bootstrap interval [lo, hi] of the AUC, resampling tasks.
 

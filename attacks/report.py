@@ -125,7 +125,7 @@ def plot_roc(results: dict, raw_scores: dict, path) -> None:
             fpr, tpr = roc_curve_points(scores["in"], scores["out"])
             keep = fpr > 0
             smallest_fpr = min(smallest_fpr, 1.0 / np.size(scores["out"]))
-            auc = results.get("attacks", {}).get(statistic, {}).get(game, {}).get("auc")
+            auc = ((results.get("attacks") or {}).get(statistic) or {}).get(game, {}).get("auc")
             label = GAME_LABELS.get(game, game) + (f" (AUC {auc:.3f})" if auc is not None else "")
             ax.plot(fpr[keep], tpr[keep], lw=1.8, label=label, **styles.get(game, {}))
         grid = np.logspace(np.log10(smallest_fpr), 0, 100)

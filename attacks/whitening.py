@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .blas import on_one_blas_thread
 from .grouping import pad_by_task, slot_within_task, valid_mask
 
 DEFAULT_WHITEN_LAMBDA = 1e-3
@@ -32,12 +33,21 @@ def leave_one_task_out_moments(padded: np.ndarray, counts: np.ndarray):
     centre = padded.sum(axis=(0, 1)) / counts.sum()
     centred = np.where(mask, padded - centre, 0.0)
     task_sums = centred.sum(axis=1)
-    task_outer = np.einsum("tnd,tne->tde", centred, centred)
-    other_sums = task_sums.sum(axis=0) - task_sums
-    other_outer = task_outer.sum(axis=0) - task_outer
-    other_means = other_sums / others[:, None]
-    scatter = other_outer - others[:, None, None] * np.einsum("td,te->tde", other_means, other_means)
-    return other_means + centre, scatter / (others - 1)[:, None, None]
+    other_means = (task_sums.sum(axis=0) - task_sums) / others[:, None]
+    scatter = np.swapaxes(centred, 1, 2) @ centred  # per-task sums of outer products ...
+    np.subtract(scatter.sum(axis=0), scatter, out=scatter)  # ... turned into the other tasks' sums
+    scatter -= (others[:, None, None] * other_means[:, :, None]) * other_means[:, None, :]
+    scatter /= (others - 1)[:, None, None]
+    return other_means + centre, scatter
+
+
+def _regularised(cov: np.ndarray, lam: float) -> np.ndarray:
+    """Q + lam * tr(Q)/d * I for a batch of covariances (..., d, d)."""
+    if lam < 0:
+        raise ValueError(f"whitening lambda must be >= 0; got {lam}")
+    d = cov.shape[-1]
+    ridge = lam * np.trace(cov, axis1=-2, axis2=-1) / d
+    return cov + ridge[..., None, None] * np.eye(d)
 
 
 def regularised_inverse_sqrt(cov: np.ndarray, lam: float = DEFAULT_WHITEN_LAMBDA) -> np.ndarray:
@@ -46,22 +56,37 @@ def regularised_inverse_sqrt(cov: np.ndarray, lam: float = DEFAULT_WHITEN_LAMBDA
     Symmetric inverse square root by batched eigh.  Eigenvalues are floored at a tiny
     multiple of the largest so that lam = 0 on a singular Q stays finite.
     """
-    if lam < 0:
-        raise ValueError(f"whitening lambda must be >= 0; got {lam}")
+    regularised = _regularised(cov, lam)
     d = cov.shape[-1]
-    ridge = lam * np.trace(cov, axis1=-2, axis2=-1) / d
-    regularised = cov + ridge[..., None, None] * np.eye(d)
     eigenvalues, eigenvectors = np.linalg.eigh(regularised)
     floor = eigenvalues[..., -1:] * d * np.finfo(np.float64).eps
     eigenvalues = np.maximum(eigenvalues, np.maximum(floor, np.finfo(np.float64).tiny))
     return (eigenvectors * eigenvalues[..., None, :] ** -0.5) @ np.swapaxes(eigenvectors, -1, -2)
 
 
-def whiten_padded(padded: np.ndarray, counts: np.ndarray, lam: float = DEFAULT_WHITEN_LAMBDA):
-    """Apply each task's leave-one-task-out transform to its own rows; padding stays zero."""
+def _cholesky_whitened(centred: np.ndarray, covs: np.ndarray, lam: float):
+    """Rows of `centred` (T, n, d) mapped by L_t^(-1); None if some Sigma_t is not positive definite."""
+    try:
+        factors = np.linalg.cholesky(_regularised(covs, lam))
+    except np.linalg.LinAlgError:
+        return None
+    return np.swapaxes(np.linalg.solve(factors, np.swapaxes(centred, -1, -2)), -1, -2)
+
+
+@on_one_blas_thread
+def whiten_padded(padded: np.ndarray, counts: np.ndarray, lam: float = DEFAULT_WHITEN_LAMBDA, symmetric: bool = True):
+    """Apply each task's leave-one-task-out transform to its own rows; padding stays zero.
+
+    symmetric=True applies W = Sigma^(-1/2) exactly (CONTRACT §5).  symmetric=False applies
+    L^(-1), Sigma = L L^T (Cholesky), which equals U W for an orthogonal U: every Gram matrix,
+    hence both attack statistics, is unchanged, and a batched Cholesky solve is far cheaper
+    and steadier than batched eigh (which can stall for seconds when BLAS threads contend).
+    """
     means, covs = leave_one_task_out_moments(padded, counts)
-    transforms = regularised_inverse_sqrt(covs, lam)
-    whitened = np.einsum("tnd,ted->tne", padded - means[:, None, :], transforms)
+    centred = padded - means[:, None, :]
+    whitened = None if symmetric else _cholesky_whitened(centred, covs, lam)
+    if whitened is None:
+        whitened = centred @ regularised_inverse_sqrt(covs, lam)  # W symmetric: rows e W = (W e)^T
     return np.where(valid_mask(counts, padded.shape[1])[..., None], whitened, 0.0)
 
 

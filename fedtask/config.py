@@ -44,6 +44,12 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...]]] = {
     "model.hidden_dim": (512, (int,)),
     "model.head": ("linear", (str,)),
     "model.pretrained_path": ("", (str,)),
+    # --- vision datasets and encoders (fedtask/data/femnist.py, celeba.py, models_vision.py) ---
+    "data.image_size": (0, (int,)),             # square side in pixels; 0 = the dataset's default (FEMNIST 28, CelebA 64)
+    "data.augment": (False, (bool,)),           # shift (+ flip for faces) of each client's training batch, seeded
+    "data.target_attribute": ("Smiling", (str,)),  # CelebA personalization: the binary attribute every task detects
+    "data.min_positive_fraction": (0.0, (float,)),  # CelebA multiple_problems: least share of positives per task
+    "model.norm": ("group", (str,)),            # ResNet normalisation: group | frozen_batch (models_vision.py says why)
     # --- federation ---------------------------------------------------------------
     "federation.rounds": (100, (int,)),
     "federation.tasks_per_round": (32, (int,)),

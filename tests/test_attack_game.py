@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from attacks import challenge_scores, draw_subsets, embed_pools, run_security_games, validate_attack_config
+from attacks import challenge_scores, draw_subsets, embed_pools, run_security_games, validate_attack_config, whiten_by_task
 from attacks.grouping import pad_by_task
 from attacks.statistics import inner_product_statistic, variance_statistic
 
@@ -132,18 +132,20 @@ def test_subsets_are_k_distinct_samples_of_one_task():
     np.testing.assert_allclose(frequency, 4 / 9, atol=0.1)
 
 
-@pytest.mark.parametrize("cosine", [False, True])
-def test_scores_are_the_statistics_of_the_drawn_subsets(cosine):
+@pytest.mark.parametrize("whiten,cosine", [(False, False), (False, True), (True, False), (True, True)])
+def test_scores_are_the_statistics_of_the_drawn_subsets(whiten, cosine):
     rng = np.random.default_rng(7)
     task_index = rng.permutation(np.repeat(np.arange(5), [6, 8, 7, 6, 9]))
-    emb = rng.normal(3.0, 1.0, size=(task_index.size, 4))
-    scores = challenge_scores(emb, task_index, 2, 5, 11, np.random.default_rng(8), cosine=cosine)
-    padded, counts = pad_by_task(emb, task_index)
+    emb = rng.normal(3.0, 1.0, size=(task_index.size, 4)) @ rng.normal(size=(4, 4))
+    scores = challenge_scores(emb, task_index, 2, 5, 11, np.random.default_rng(8), whiten=whiten, cosine=cosine,
+                              whiten_lambda=0.01)
+    reference = whiten_by_task(emb, task_index, 0.01) if whiten else emb  # the symmetric W of CONTRACT §5
+    padded, counts = pad_by_task(reference, task_index)
     slots = draw_subsets(counts, 5, 11, np.random.default_rng(8))
     subsets = padded[np.arange(5)[:, None], slots]  # (trials, tasks, k, d)
     for name, expected in (("variance", variance_statistic(subsets)), ("inner_product", inner_product_statistic(subsets, cosine))):
-        np.testing.assert_allclose(scores[name]["in"], expected.T[:2], rtol=1e-10)
-        np.testing.assert_allclose(scores[name]["out"], expected.T[2:], rtol=1e-10)
+        np.testing.assert_allclose(scores[name]["in"], expected.T[:2], rtol=1e-9)
+        np.testing.assert_allclose(scores[name]["out"], expected.T[2:], rtol=1e-9)
 
 
 def test_embed_pools_queries_each_sample_once_in_batches():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from attacks.grouping import pad_by_task
-from attacks.whitening import leave_one_task_out_moments, regularised_inverse_sqrt, whiten_by_task
+from attacks.whitening import leave_one_task_out_moments, regularised_inverse_sqrt, whiten_by_task, whiten_padded
 
 
 def uneven_tasks(seed=0, d=4):
@@ -73,3 +73,14 @@ def test_rejects_negative_lambda_and_too_little_data():
         regularised_inverse_sqrt(np.eye(2), lam=-1.0)
     with pytest.raises(ValueError, match="at least 2"):
         whiten_by_task(np.ones((3, 2)), np.array([0, 0, 1]))
+
+
+@pytest.mark.parametrize("lam", [0.0, 1e-3])
+def test_cholesky_form_preserves_every_within_task_gram_matrix(lam):
+    emb, task_index = uneven_tasks(seed=3)
+    padded, counts = pad_by_task(emb, task_index)
+    symmetric = whiten_padded(padded, counts, lam, symmetric=True)
+    cholesky = whiten_padded(padded, counts, lam, symmetric=False)
+    assert not np.allclose(symmetric, cholesky)  # a different map ...
+    np.testing.assert_allclose(cholesky @ np.swapaxes(cholesky, 1, 2), symmetric @ np.swapaxes(symmetric, 1, 2),
+                               rtol=1e-8, atol=1e-9)  # ... with the same Gram matrices

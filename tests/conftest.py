@@ -1,0 +1,20 @@
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def tiny_overrides():
+    """A federation small enough for a unit test: 8 IN / 8 OUT tasks, 6 rounds."""
+    return [
+        "data.num_in_tasks=8", "data.num_out_tasks=8", "federation.tasks_per_round=4",
+        "federation.rounds=6", "federation.warm_start_rounds=2", "attack.trials=16", "attack.bootstrap=50",
+    ]
