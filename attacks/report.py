@@ -45,8 +45,10 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _utility_table(utility: dict) -> str:
-    return _markdown_table(["IN-task accuracy", "OUT-task accuracy"],
-                           [[_percent(utility.get("in_task_accuracy")), _percent(utility.get("out_task_accuracy"))]])
+    columns = [("IN-task accuracy (held-out)", "in_task_accuracy"), ("IN-task accuracy (train)", "in_task_train_accuracy"),
+               ("majority-label baseline", "majority_baseline_accuracy"), ("OUT-task accuracy", "out_task_accuracy")]
+    shown = [(label, key) for label, key in columns if key in utility or key in ("in_task_accuracy", "out_task_accuracy")]
+    return _markdown_table([label for label, _ in shown], [[_percent(utility.get(key)) for _, key in shown]])
 
 
 def _privacy_table(privacy: dict) -> str:

@@ -68,7 +68,11 @@ def _task_batch(runtime: ClientRuntime, partition_id: int, server_round: int):
     idx = task_math.batch_indices(len(task.train_x), runtime.config["federation"]["batch_size"],
                                   runtime.config["seed"], server_round, partition_id)
     x, y = (task.train_x, task.train_y) if idx is None else (task.train_x[idx], task.train_y[idx])
-    return x.to(runtime.device), y.to(runtime.device)
+    x, y = x.to(runtime.device), y.to(runtime.device)
+    augment = runtime.taskset.extra.get("augment")  # vision data: seeded training-time augmentation
+    if augment is not None:
+        x = augment(x, runtime.config["seed"], server_round, partition_id)
+    return x, y
 
 
 app = ClientApp()

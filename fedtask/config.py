@@ -38,6 +38,24 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...]]] = {
     "data.projection_dim": (16, (int,)),
     "data.task_std": (1.0, (float,)),
     "data.sample_std": (1.0, (float,)),
+    # --- language datasets and encoders (fedtask/data/{shakespeare,stackoverflow,reddit}.py,
+    #     fedtask/models_text.py, fedtask/lora.py) ------------------------------------------
+    "data.min_lines_per_task": (50, (int,)),    # Shakespeare: a (play, role) is a task with this many lines
+    "data.seq_len": (80, (int,)),               # characters in (next-character prediction, char encoders)
+    "data.max_length": (64, (int,)),            # tokens per text for subword tokenizers
+    "data.min_samples_per_task": (0, (int,)),   # Stack Overflow / Reddit: a user needs this many posts
+    "data.max_samples_per_task": (0, (int,)),   # ... and at most this many (0 = no limit)
+    "data.num_tags": (256, (int,)),             # Stack Overflow by user: the most frequent tags are the classes
+    "data.user_column": ("user", (str,)),       # column names in data.path's files
+    "data.text_column": ("text", (str,)),
+    "data.tags_column": ("tags", (str,)),
+    "model.tokenizer_path": ("", (str,)),       # default: model.pretrained_path (minilm: the package's)
+    "model.random_init": (False, (bool,)),      # build model.pretrained_path's config.json with random weights
+    "model.freeze_embeddings": (False, (bool,)),
+    "model.lstm_hidden": (256, (int,)),         # char_lstm: LEAF's 2-layer LSTM width
+    "model.lora_r": (8, (int,)),
+    "model.lora_alpha": (16.0, (float,)),
+    "model.lora_targets": ([], (list,)),        # module names; [] = the encoder's default
     # --- model --------------------------------------------------------------------
     "model.encoder": ("mlp", (str,)),
     "model.embedding_dim": (16, (int,)),
@@ -207,6 +225,8 @@ def validate(config: dict) -> None:
         _require(Path(model["pretrained_path"]).exists(), "model.pretrained_path",
                  f"{model['pretrained_path']}: no such file or directory")
 
+    _validate_language(data, model)
+
     _require(fed["rounds"] >= 1, "federation.rounds", f"must be >= 1; got {fed['rounds']}")
     _require(0 <= fed["warm_start_rounds"] < fed["rounds"], "federation.warm_start_rounds",
              f"must be in [0, federation.rounds); got {fed['warm_start_rounds']} with {fed['rounds']} rounds")
@@ -246,6 +266,28 @@ def validate(config: dict) -> None:
                  f"k={attack['k_strong']} is larger than data.train_samples_per_task={data['train_samples_per_task']}")
         _require(attack["k_weak"] <= data["holdout_samples_per_task"], "attack.k_weak",
                  f"k={attack['k_weak']} is larger than data.holdout_samples_per_task={data['holdout_samples_per_task']}")
+
+
+def _validate_language(data: dict, model: dict) -> None:
+    """Keys of the language datasets and encoders (see the SCHEMA block above)."""
+    for key in ("min_lines_per_task", "seq_len", "max_length", "num_tags"):
+        _require(data[key] >= 1, f"data.{key}", f"must be >= 1; got {data[key]}")
+    for key in ("min_samples_per_task", "max_samples_per_task"):
+        _require(data[key] >= 0, f"data.{key}", f"must be >= 0; got {data[key]}")
+    _require(model["lstm_hidden"] >= 1, "model.lstm_hidden", "must be >= 1")
+    _require(model["lora_r"] >= 1, "model.lora_r", f"must be >= 1; got {model['lora_r']}")
+    _require(model["lora_alpha"] > 0, "model.lora_alpha", f"must be > 0; got {model['lora_alpha']}")
+    _require(all(isinstance(t, str) and t for t in model["lora_targets"]), "model.lora_targets",
+             "must be a list of module names")
+    if model["tokenizer_path"]:
+        _require(Path(model["tokenizer_path"]).exists(), "model.tokenizer_path",
+                 f"{model['tokenizer_path']}: no such file or directory")
+    _require((data["name"] == "reddit") == (model["encoder"] == "causal_lm"), "model.encoder",
+             "next-token prediction: data.name = 'reddit' goes with model.encoder = 'causal_lm' and only with it")
+    if model["encoder"] == "causal_lm":
+        _require(model["head"] == "lora", "model.head",
+                 "model.encoder = 'causal_lm' predicts tokens with its own LM head; the private part is a "
+                 "LoRA adapter: set model.head = 'lora'")
 
 
 def to_toml(config: dict) -> str:

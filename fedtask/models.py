@@ -76,11 +76,13 @@ class TaskModel(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The shared representation the adversary's oracle exposes (no private adapter)."""
+        # an encoder whose forward is not its embedding (a causal LM gives logits) names it
+        encode = getattr(self.encoder, "pooled_embedding", self.encoder)
         disable = getattr(self.encoder, "disable_adapter", None)
         if disable is not None:
             with disable():
-                return self.encoder(x)
-        return self.encoder(x)
+                return encode(x)
+        return encode(x)
 
     def shared_state(self) -> dict[str, torch.Tensor]:
         """Encoder parameters and buffers: everything the server aggregates and releases."""

@@ -83,7 +83,8 @@ def prepare(config: dict) -> dict:
         z = calibrate_noise_multiplier(dp["target_epsilon"], sample_rate(config), training_rounds(config),
                                        dp["delta"], dp["accountant"])
     except ValueError as err:
-        raise ConfigError(f"dp.target_epsilon: {err}") from None
+        message = str(err)
+        raise ConfigError(message if message.startswith("dp.") else f"dp.target_epsilon: {message}") from None
     return with_overrides(config, {"dp.noise_multiplier": float(z)})
 
 
@@ -124,6 +125,7 @@ def train(config: dict, out_dir: Path, progress=print_round) -> dict:
 
         outcome = train_vectorized(config, taskset, work, progress)
     outcome["seconds"] = time.perf_counter() - started
+    outcome["majority_baseline"] = majority_baseline(taskset)
     results = finish_training(config, work, outcome)
     if out_dir.exists():
         for item in work.iterdir():
@@ -149,6 +151,20 @@ def _check_task_sizes(config: dict, taskset: TaskSet) -> None:
                               "the smallest task has")
 
 
+def majority_baseline(taskset: TaskSet) -> float | None:
+    """Held-out accuracy of always predicting each task's most frequent training label.
+
+    The floor a head must beat: on unbalanced tasks it is far above 1/num_classes.
+    """
+    scores = []
+    for task in taskset.in_tasks:
+        train, held = task.train_y.reshape(-1), task.holdout_y.reshape(-1)
+        train, held = train[train >= 0], held[held >= 0]
+        if len(train) and len(held):
+            scores.append(float((held == train.bincount().argmax()).float().mean()))
+    return float(np.mean(scores)) if scores else None
+
+
 def finish_training(config: dict, out_dir: Path, outcome: dict) -> dict:
     """Write the training outputs (CONTRACT §4) and return results.json's content."""
     out_dir = Path(out_dir)
@@ -165,6 +181,7 @@ def finish_training(config: dict, out_dir: Path, outcome: dict) -> dict:
         "in_task_accuracy": float(np.mean(accuracies)) if accuracies else None,
         "out_task_accuracy": None,
         "in_task_train_accuracy": float(np.mean(train_acc)) if train_acc else None,
+        "majority_baseline_accuracy": outcome.get("majority_baseline"),
     }
     results = {"config": config, "utility": utility,
                "privacy": privacy_report(config["dp"], sample_rate(config), training_rounds(config),

@@ -51,7 +51,7 @@ def _as_uint8(image, mode: str, channels: int) -> torch.Tensor:
     if isinstance(image, dict) and image.get("bytes") is not None:  # an undecoded Image struct
         image = Image.open(io.BytesIO(image["bytes"]))
     if isinstance(image, Image.Image):
-        array = np.asarray(image.convert(mode))
+        array = np.array(image.convert(mode))  # a writable copy
     else:  # pixel values: (H, W), (H, W, C) or flat H*W, in [0, 1] or [0, 255]
         array = np.asarray(image, dtype=np.float64)
         if array.ndim == 1:

@@ -1,0 +1,225 @@
+"""``python run.py bench``: where the time goes, side by side in one run.
+
+Per round, on the synthetic config, at 32 and 256 tasks per round:
+- the vectorised engine (all sampled tasks in one vmapped pass);
+- the Flower engine (one ClientApp per task on Ray), and its per-client-round
+  overhead over the pure compute of the same per-task calls made in one process;
+- a minimal Flower app doing the same per-task work (bare ClientApp, no strategy, no
+  config, no client state), to show what the framework itself costs;
+- a plain PyTorch loop in the paper's reference style (one forward per task);
+and the attack's throughput at 512 tasks x 128 trials, both attacks, both adversaries,
+whitened. Writes bench.json and bench.md.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedtask import task as task_math
+from fedtask.config import load_config
+from fedtask.data import load_tasks
+from fedtask.models import build_model, initial_private_state
+from strategies.sampling import sample_fixed
+
+
+def bench_config(num_tasks: int, tasks_per_round: int, rounds: int) -> dict:
+    return load_config("configs/synthetic.toml", [
+        f"data.num_in_tasks={num_tasks}", "data.num_out_tasks=2", f"federation.tasks_per_round={tasks_per_round}",
+        f"federation.rounds={rounds}", "federation.warm_start_rounds=0"])
+
+
+def steady_seconds(rows: list[dict]) -> float:
+    """Median round time after the first round (which pays for start-up and caching)."""
+    return statistics.median(row["seconds"] for row in rows[1:]) if len(rows) > 1 else rows[0]["seconds"]
+
+
+def time_vectorized(config: dict) -> float:
+    from fedtask.vectorized import train_vectorized
+
+    with tempfile.TemporaryDirectory() as tmp:
+        outcome = train_vectorized(config, load_tasks(config), Path(tmp), None)
+    return steady_seconds(outcome["rounds"])
+
+
+def time_flower(config: dict) -> float:
+    from fedtask.simulation import simulate
+
+    with tempfile.TemporaryDirectory() as tmp:
+        outcome = simulate(config, Path(tmp), None)
+    return steady_seconds(outcome["rounds"])
+
+
+def time_pure_compute(config: dict, rounds: int) -> float:
+    """The same per-task calls as the Flower clients make, one after another, in this process."""
+    taskset = load_tasks(config)
+    model = build_model(config, taskset)
+    shared = model.shared_state()
+    trainable = model.shared_parameter_names()
+    fed = config["federation"]
+    heads = {}
+    times = []
+    for server_round in range(1, rounds + 1):
+        started = time.perf_counter()
+        for pid in sample_fixed(len(taskset.in_tasks), fed["tasks_per_round"], config["seed"], server_round):
+            task = taskset.in_tasks[pid]
+            private = heads.get(pid) or initial_private_state(model, pid, config["seed"])
+            heads[pid], _, _ = task_math.local_round(model, shared, private, task.train_x, task.train_y,
+                                                     fed["head_lr"], fed["head_weight_decay"], fed["head_steps"],
+                                                     False, trainable)
+        times.append({"seconds": time.perf_counter() - started})
+    return steady_seconds(times)
+
+
+def time_reference_loop(config: dict, rounds: int) -> float:
+    """The paper's reference style: a centralised model, one forward pass per task, AdamW."""
+    taskset = load_tasks(config)
+    torch.manual_seed(config["seed"])
+    model = build_model(config, taskset)
+    heads = torch.nn.ModuleList(torch.nn.Linear(config["model"]["embedding_dim"], taskset.num_classes)
+                                for _ in taskset.in_tasks)
+    encoder_opt = torch.optim.AdamW(model.encoder.parameters(), lr=1e-3, weight_decay=1e-4)
+    head_opt = torch.optim.AdamW(heads.parameters(), lr=1e-3, weight_decay=1e-3)
+    fed = config["federation"]
+    times = []
+    for server_round in range(1, rounds + 1):
+        started = time.perf_counter()
+        sampled = sample_fixed(len(taskset.in_tasks), fed["tasks_per_round"], config["seed"], server_round)
+        loss = 0.0
+        for pid in sampled:
+            task = taskset.in_tasks[pid]
+            loss = loss + torch.nn.functional.cross_entropy(heads[pid](model.encoder(task.train_x)),
+                                                            task.train_y) / len(sampled)
+        encoder_opt.zero_grad()
+        head_opt.zero_grad()
+        loss.backward()
+        encoder_opt.step()
+        head_opt.step()
+        times.append({"seconds": time.perf_counter() - started})
+    return steady_seconds(times)
+
+
+def time_minimal_flower(config: dict, rounds: int) -> float:
+    """A bare Flower app doing the same per-task work: the framework's own floor."""
+    from flwr.app import ArrayRecord, Context, Message, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    from fedtask.simulation import backend_config
+
+    config_json = json.dumps(config, sort_keys=True)
+    times: list[dict] = []
+    client = ClientApp()
+
+    @client.train()
+    def train(msg: Message, context: Context) -> Message:
+        runtime = _minimal_runtime(config_json)
+        model, taskset, trainable = runtime
+        pid = int(context.node_config["partition-id"])
+        task = taskset.in_tasks[pid]
+        shared = msg.content["arrays"].to_torch_state_dict()
+        private = initial_private_state(model, pid, 0)
+        fed = json.loads(config_json)["federation"]
+        _, grads, _ = task_math.local_round(model, shared, private, task.train_x, task.train_y, fed["head_lr"],
+                                            fed["head_weight_decay"], fed["head_steps"], False, trainable)
+        return Message(RecordDict({"arrays": ArrayRecord(torch_state_dict=grads)}), reply_to=msg)
+
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        model, _, _ = _minimal_runtime(config_json)
+        arrays = ArrayRecord(torch_state_dict=model.shared_state())
+        while len(nodes := list(grid.get_node_ids())) < config["data"]["num_in_tasks"]:
+            time.sleep(0.1)
+        rng = np.random.default_rng(0)
+        for _ in range(rounds):
+            started = time.perf_counter()
+            chosen = rng.choice(nodes, config["federation"]["tasks_per_round"], replace=False)
+            replies = grid.send_and_receive([Message(RecordDict({"arrays": arrays}), message_type="train",
+                                                     dst_node_id=int(node)) for node in chosen])
+            _ = [r.content["arrays"].to_numpy_ndarrays() for r in replies]
+            times.append({"seconds": time.perf_counter() - started})
+
+    run_simulation(server_app=server, client_app=client, num_supernodes=config["data"]["num_in_tasks"],
+                   backend_config=backend_config(config))
+    return steady_seconds(times)
+
+
+@functools.lru_cache(maxsize=1)
+def _minimal_runtime(config_json: str):
+    config = json.loads(config_json)
+    torch.set_num_threads(1)
+    taskset = load_tasks(config)
+    model = build_model(config, taskset)
+    return model, taskset, model.shared_parameter_names()
+
+
+def run_bench(out_dir: Path, quick: bool = False) -> dict:
+    import logging
+
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    num_tasks = 64 if quick else 256
+    sizes = (8, 32) if quick else (32, 256)
+    rounds = 4 if quick else 6
+    rows = []
+    for tasks_per_round in sizes:
+        config = bench_config(num_tasks, tasks_per_round, rounds)
+        print(f"bench: {tasks_per_round} tasks/round ({num_tasks} tasks), {rounds} rounds each", flush=True)
+        row = {"tasks_per_round": tasks_per_round,
+               "vectorized_s": time_vectorized(config),
+               "reference_loop_s": time_reference_loop(config, rounds),
+               "pure_compute_s": time_pure_compute(config, rounds),
+               "flower_s": time_flower(config),
+               "minimal_flower_s": time_minimal_flower(config, rounds)}
+        row["flower_overhead_per_client_ms"] = 1000 * (row["flower_s"] - row["pure_compute_s"]) / tasks_per_round
+        row["minimal_flower_overhead_per_client_ms"] = \
+            1000 * (row["minimal_flower_s"] - row["pure_compute_s"]) / tasks_per_round
+        row["speedup_vs_flower"] = row["flower_s"] / row["vectorized_s"]
+        row["speedup_vs_reference_loop"] = row["reference_loop_s"] / row["vectorized_s"]
+        print("  " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "tasks_per_round"), flush=True)
+        rows.append(row)
+    from attacks.bench import attack_throughput
+
+    print("bench: attack throughput (512 tasks x 128 trials, both attacks, both adversaries, whitened)", flush=True)
+    attack = attack_throughput(n_tasks=128 if quick else 512, trials=128, repeats=1 if quick else 3)
+    report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                          "torch_threads": torch.get_num_threads(),
+                          "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+              "quick": quick, "num_tasks": num_tasks, "rounds": rounds, "engines": rows, "attack": attack}
+    (out_dir / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "bench.md").write_text(format_bench(report))
+    print(format_bench(report), flush=True)
+    return report
+
+
+def format_bench(report: dict) -> str:
+    lines = [f"# fedtask bench ({report['machine']['cpus']} CPUs, CUDA: {report['machine']['cuda'] or 'none'})", "",
+             f"Seconds per round (median after the first), synthetic config, {report['num_tasks']} tasks.", "",
+             "| tasks/round | vectorized | Flower | minimal Flower app | pure compute (same calls, 1 process) "
+             "| reference loop | Flower overhead / client-round | minimal app overhead / client-round "
+             "| vectorized vs Flower | vectorized vs reference |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["engines"]:
+        lines.append(f"| {r['tasks_per_round']} | {r['vectorized_s']:.4f} | {r['flower_s']:.3f} | "
+                     f"{r['minimal_flower_s']:.3f} | {r['pure_compute_s']:.4f} | {r['reference_loop_s']:.4f} | "
+                     f"{r['flower_overhead_per_client_ms']:.1f} ms | {r['minimal_flower_overhead_per_client_ms']:.1f} ms"
+                     f" | {r['speedup_vs_flower']:.1f}x | {r['speedup_vs_reference_loop']:.1f}x |")
+    a = report["attack"]
+    lines += ["", "Attack evaluation after embedding (both attacks, strong + weak, whitened):", "",
+              "| scoring | metrics | bootstrap CI | total | total without bootstrap | task-trials / s |",
+              "|---|---|---|---|---|---|",
+              f"| {a['scores_s']:.3f} s | {a['metrics_s']:.3f} s | {a['bootstrap_s']:.3f} s | {a['total_s']:.3f} s | "
+              f"{a['total_without_bootstrap_s']:.3f} s | {a['task_trials_per_s']:,.0f} |"]
+    return "\n".join(lines) + "\n"
