@@ -57,7 +57,8 @@ def evaluate_heads(grid: Grid, node_of_partition: dict[int, int], encoder: Array
 
 def run_federation(grid: Grid, config: dict, out_dir: Path, progress: Callable[[dict], None] | None = None) -> dict:
     """Train the shared encoder over the grid's clients; returns the training outcome."""
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.setLevel(max(flwr_logger.level, logging.WARNING))  # our progress lines replace Flower's
     config_json = json.dumps(config, sort_keys=True)
     fed, dp = config["federation"], config["dp"]
     num_tasks = config["data"]["num_in_tasks"]

@@ -26,8 +26,8 @@ def backend_config(config: dict) -> dict:
 def simulate(config: dict, out_dir: Path, progress=None) -> dict:
     """Run one Flower ClientApp per IN task and the FedSGD ServerApp; return the outcome."""
     outcome: dict = {}
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    logging.getLogger("flwr").setLevel(logging.ERROR)  # hides run_simulation's deprecation notice
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # and Ray's GPU-env tip
     server = build_server_app(config, Path(out_dir), outcome, progress)
     run_simulation(server_app=server, client_app=client_app, num_supernodes=config["data"]["num_in_tasks"],
                    backend_config=backend_config(config))

@@ -73,6 +73,9 @@ def train_vectorized(config: dict, taskset: TaskSet, out_dir: Path, progress=Non
         stats = {}
         if pids:
             x, y = _gather_batches(train_x, train_y, pids, config, server_round)
+            augment = taskset.extra.get("augment")  # the clients' seeded training-time augmentation
+            if augment is not None:
+                x = torch.stack([augment(xb, config["seed"], server_round, pid) for xb, pid in zip(x, pids)])
             index = torch.tensor(pids, device=device)
             private = {name: value[index] for name, value in heads.items()}
             one_task = functools.partial(task_math.local_round, model, shared, lr=fed["head_lr"],

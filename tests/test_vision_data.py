@@ -86,6 +86,21 @@ def test_femnist_tasks_are_built_lazily_and_deterministically(femnist_dir):
     assert draws_a != draws_c  # another seed: another IN/OUT choice or split
 
 
+def test_arrow_and_save_to_disk_exports_give_the_same_tasks(femnist_dir, tmp_path):
+    import datasets
+
+    parquet = femnist.load(femnist_config(femnist_dir))
+    table = datasets.load_dataset("parquet", data_files=str(next(femnist_dir.rglob("*.parquet"))), split="train")
+    datasets.DatasetDict({"train": table, "test": table.select(range(5))}).save_to_disk(str(tmp_path / "disk"))
+    arrow = tmp_path / "single" / "femnist.arrow"
+    arrow.parent.mkdir()
+    arrow.write_bytes(next((tmp_path / "disk" / "train").glob("*.arrow")).read_bytes())
+    for path in (tmp_path / "disk", arrow):
+        other = femnist.load(femnist_config(path))
+        assert [t.name for t in other.in_tasks] == [t.name for t in parquet.in_tasks]
+        assert torch.equal(other.out_tasks[0].holdout_x, parquet.out_tasks[0].holdout_x)
+
+
 def test_femnist_too_few_writers_is_a_config_error(femnist_dir):
     config = femnist_config(femnist_dir, "data.num_in_tasks=4")  # 4 + 3 > 6 eligible writers
     with pytest.raises(ConfigError, match=r"data.num_in_tasks \+ data.num_out_tasks = 7, but only 6 writers"):

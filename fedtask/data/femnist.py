@@ -33,6 +33,7 @@ def load(config: dict) -> TaskSet:
         raise ValueError(f"data.image_size: must be >= 8 (or 0 for FEMNIST's native 28); got {size}")
     dataset, partitioner, where = load_dataset_source(data["path"], HUB_DATASET, PARTITION_BY,
                                                       required_columns=(IMAGE, LABEL), image_column=IMAGE)
+    check_decodable(dataset, IMAGE, "L", where)
     labels = column_numpy(dataset, LABEL)
     if labels.dtype.kind not in "iu" or (len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES)):
         raise ValueError(f"{where}: column {LABEL!r} must hold class ids 0..{NUM_CLASSES - 1} "
@@ -44,7 +45,6 @@ def load(config: dict) -> TaskSet:
 
     sizes = partition_sizes(partitioner, dataset, PARTITION_BY)
     in_builders, out_builders = natural_id_task_builders(partitioner, sizes, data, seed, f"writers in {where}", to_task)
-    check_decodable(dataset, IMAGE, "L", where)
     return TaskSet(
         in_tasks=LazyTaskList(in_builders),
         out_tasks=LazyTaskList(out_builders),

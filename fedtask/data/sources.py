@@ -156,12 +156,13 @@ def load_local(path: Path):
             raise ValueError(f"{path}: a DatasetDict without a 'train' split (splits: {', '.join(loaded)})")
         return loaded
 
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()
-                                                 and p.suffix in BUILDERS and not p.name.startswith("."))
-    if not files:
-        raise FileNotFoundError(f"{path}: no parquet, arrow or json files found")
     if path.is_file() and path.suffix not in BUILDERS:
         raise ValueError(f"{path}: not a parquet, arrow or json file (suffix {path.suffix or 'none'!r})")
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.is_file() and p.suffix in BUILDERS
+        and not any(part.startswith(".") for part in p.relative_to(path).parts))  # skip caches, hidden files
+    if not files:
+        raise FileNotFoundError(f"{path}: no parquet, arrow or json files found")
     builder = min({BUILDERS[f.suffix] for f in files}, key=list(dict.fromkeys(BUILDERS.values())).index)
     files = [f for f in files if BUILDERS[f.suffix] == builder]
     train = [f for f in files if f.name.startswith("train") or f.parent.name == "train"]
