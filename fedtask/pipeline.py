@@ -236,6 +236,3 @@ def experiment(config: dict, out_dir: Path) -> dict:
     train(config, out_dir)
     return attack(out_dir)
 
-
-def load(config_path: str | None, overrides: list[str] | None) -> dict:
-    return load_config(config_path, overrides)

@@ -18,7 +18,6 @@ from torch.func import functional_call, vmap
 
 from fedtask import task as task_math
 from fedtask.checkpoint import save_state
-from fedtask.client_app import select_device
 from fedtask.config import ConfigError
 from fedtask.data.base import TaskSet
 from fedtask.models import build_model, initial_private_state
@@ -48,8 +47,8 @@ def _gather_batches(x: torch.Tensor, y: torch.Tensor, pids: list[int], config: d
 def train_vectorized(config: dict, taskset: TaskSet, out_dir: Path, progress=None) -> dict:
     """Train like the Flower engine does; return the same outcome dict."""
     fed, dp = config["federation"], config["dp"]
-    device = select_device({**config, "federation": {**fed, "num_gpus_per_client": max(fed["num_gpus_per_client"], 1)}}) \
-        if fed["device"] != "cpu" else torch.device("cpu")
+    # one process: use the GPU whenever there is one, unless told not to
+    device = torch.device("cuda" if fed["device"] != "cpu" and torch.cuda.is_available() else "cpu")
     model = build_model(config, taskset).to(device)
     if not model.head_only:
         raise ConfigError("federation.engine: 'vectorized' supports linear heads only; use engine = 'flower' "

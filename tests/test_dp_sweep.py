@@ -1,0 +1,51 @@
+"""dp-sweep end to end (vectorised engine, tiny): one run per budget, three files, budgets honoured."""
+import json
+import math
+
+import pytest
+
+import run
+from fedtask.sweep import parse_epsilons
+
+TINY = ["data.num_in_tasks=8", "data.num_out_tasks=8", "federation.tasks_per_round=4", "federation.rounds=8",
+        "federation.warm_start_rounds=2", "attack.trials=16", "attack.bootstrap=20", 'federation.engine="vectorized"']
+
+
+def sweep_args(out, epsilons):
+    args = ["dp-sweep", "--config", "configs/synthetic.toml", "--epsilons", epsilons, "--out", str(out)]
+    for item in TINY:
+        args += ["--set", item]
+    return args
+
+
+def test_short_sweep_writes_its_three_files(tmp_path):
+    out = tmp_path / "sweep"
+    assert run.main(sweep_args(out, "inf,8,2")) == 0
+    for name in ("dp_sweep.json", "dp_sweep.md", "dp_sweep.png"):
+        assert (out / name).stat().st_size > 0, name
+    rows = json.loads((out / "dp_sweep.json").read_text())
+    assert [row["target_epsilon"] for row in rows] == ["inf", 8.0, 2.0]
+    assert rows[0]["epsilon"] == "inf" and rows[0]["noise_multiplier"] == 0.0
+    for row in rows[1:]:
+        assert row["epsilon"] <= row["target_epsilon"] * 1.0001  # the spend never exceeds the budget
+        assert row["epsilon"] >= row["target_epsilon"] * 0.95
+    assert rows[2]["noise_multiplier"] > rows[1]["noise_multiplier"] > 0  # less budget, more noise
+    for row in rows:
+        assert set(row["auc"]) == {"variance", "inner_product"}
+        assert all(0 <= row["auc"][a][g] <= 1 for a in row["auc"] for g in ("strong", "weak"))
+        assert (out / f"eps_{'inf' if row['target_epsilon'] == 'inf' else format(row['target_epsilon'], 'g')}"
+                / "results.json").is_file()
+
+
+@pytest.mark.parametrize("epsilons, message", [("inf,abc", "--epsilons"), ("8,-1", "--epsilons"),
+                                               ("1e-9", "dp.target_epsilon")])
+def test_bad_budgets_exit_2_before_training(tmp_path, capsys, epsilons, message):
+    out = tmp_path / "sweep"
+    assert run.main(sweep_args(out, epsilons)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not out.exists()
+
+
+def test_parse_epsilons():
+    assert parse_epsilons("inf, 16,8") == [math.inf, 16.0, 8.0]
