@@ -106,11 +106,11 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """``flwr run .``: config path and overrides come from [tool.flwr.app.config]."""
     from fedtask.config import load_config
-    from fedtask.pipeline import finish_training, print_round, resolve_out_dir
+    from fedtask.pipeline import finish_training, prepare, print_round, resolve_out_dir
 
     run_config = context.run_config
     overrides = [item for item in str(run_config.get("overrides", "")).split(";") if item.strip()]
-    config = load_config(str(run_config.get("config", "configs/synthetic.toml")), overrides)
+    config = prepare(load_config(str(run_config.get("config", "configs/synthetic.toml")), overrides))
     out_dir = resolve_out_dir(config, str(run_config.get("out", "")) or None, "flwr-run")
     outcome = run_federation(grid, config, out_dir, print_round)
     finish_training(config, out_dir, outcome)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
+from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
 
 __all__ = [
     "ACCOUNTANTS",
@@ -133,6 +133,10 @@ def calibrate_noise_multiplier(
             warnings.simplefilter("ignore", RuntimeWarning)
             # The search probes huge z, where RDP's best order is its largest: not our concern.
             warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            # Opacus doubles z up to its MAX_SIGMA before giving up (~20 slow evaluations):
+            # one evaluation at that ceiling tells at once whether the target is reachable.
+            if _accountant_epsilon(MAX_SIGMA, sample_rate, steps, delta, accountant) > float(target_epsilon):
+                raise ValueError("The privacy budget is too low.")
             z = get_noise_multiplier(
                 target_epsilon=float(target_epsilon),
                 target_delta=float(delta),

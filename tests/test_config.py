@@ -14,13 +14,13 @@ def run_cli(capsys, *argv):
 @pytest.mark.parametrize("assignment, key", [
     ("data.nmu_in_tasks=3", "data.nmu_in_tasks"),               # unknown key
     ("federation.rounds=\"ten\"", "federation.rounds"),          # wrong type
-    ("attack.k_strong=64", "attack.k_strong"),                   # k larger than the samples a task has
-    ("attack.k_weak=9", "attack.k_weak"),
+    ("attack.k_strong=999", "attack.k_strong"),                   # k larger than the samples a task has
+    ("attack.k_weak=999", "attack.k_weak"),
     ("dp.noise_multiplier=-1.0", "dp.noise_multiplier"),         # negative noise
     ("dp.clipping_norm=0.0", "dp.clipping_norm"),
     ("dp.delta=1.5", "dp.delta"),
     ("federation.tasks_per_round=65", "federation.tasks_per_round"),  # sampling rate above 1
-    ("federation.warm_start_rounds=100", "federation.warm_start_rounds"),
+    ("federation.warm_start_rounds=100000", "federation.warm_start_rounds"),
     ("data.path=\"/no/such/file.parquet\"", "data.path"),        # missing data file
     ("data.name=\"mnist\"", "data.name"),
     ("federation.engine=\"spark\"", "federation.engine"),
