@@ -30,13 +30,15 @@ def logits_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def task_loss(model: TaskModel, shared: Params, private: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    logits = functional_call(model, {**shared, **private}, (x,))
-    return logits_loss(logits, y)
+    if model.head_only:
+        return head_loss(private, embed(model, shared, x), y)
+    return logits_loss(functional_call(model, {**shared, **private}, (x,)), y)
 
 
-def _head_loss(model: TaskModel, private: Params, embeddings: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    head = {name[len("head."):]: value for name, value in private.items()}
-    return logits_loss(functional_call(model.head, head, (embeddings,)), y)
+def head_loss(private: Params, embeddings: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The loss of a linear head on given embeddings (``F.linear`` is what ``nn.Linear`` computes;
+    calling it directly avoids ``functional_call``'s module swapping, costly under ``vmap``)."""
+    return logits_loss(F.linear(embeddings, private["head.weight"], private["head.bias"]), y)
 
 
 def embed(model: TaskModel, shared: Params, x: torch.Tensor) -> torch.Tensor:
@@ -52,13 +54,20 @@ def head_steps(model: TaskModel, shared: Params, private: Params, x: torch.Tenso
     With a linear head only, the embeddings are computed once: the encoder is fixed
     during these steps, so recomputing them would only cost time.
     """
-    private = dict(private)
     frozen = {name: value.detach() for name, value in shared.items()}
     if model.head_only:
-        embeddings = embed(model, frozen, x).detach()
-        step = grad_and_value(lambda p: _head_loss(model, p, embeddings, y))
-    else:
-        step = grad_and_value(lambda p: task_loss(model, frozen, p, x, y))
+        return head_steps_on_embeddings(private, embed(model, frozen, x).detach(), y, lr, weight_decay, steps)
+    return _sgd_steps(grad_and_value(lambda p: task_loss(model, frozen, p, x, y)), private, lr, weight_decay, steps)
+
+
+def head_steps_on_embeddings(private: Params, embeddings: torch.Tensor, y: torch.Tensor, lr: float,
+                             weight_decay: float, steps: int) -> dict[str, torch.Tensor]:
+    """:func:`head_steps` for a linear head, given the task's (fixed) embeddings."""
+    return _sgd_steps(grad_and_value(lambda p: head_loss(p, embeddings, y)), private, lr, weight_decay, steps)
+
+
+def _sgd_steps(step, private: Params, lr: float, weight_decay: float, steps: int) -> dict[str, torch.Tensor]:
+    private = dict(private)
     for _ in range(steps):
         grads, _ = step(private)
         private = {name: value - lr * (grads[name] + weight_decay * value) for name, value in private.items()}

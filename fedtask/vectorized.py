@@ -44,6 +44,33 @@ def _gather_batches(x: torch.Tensor, y: torch.Tensor, pids: list[int], config: d
     return x[index[:, None], cols], y[index[:, None], cols]
 
 
+def _mean_gradient_round(model, shared: dict, private: dict, x: torch.Tensor, y: torch.Tensor, fed: dict,
+                         trainable: list[str]):
+    """Each task's head steps, then the mean of the tasks' encoder gradients, in one pass.
+
+    The gradient of the mean task loss equals the mean of the per-task gradients that
+    Flower clients send (FedSGD), and one encoder forward serves the head steps, the
+    loss and the backward pass: no per-task encoder gradient is ever materialised.
+    """
+    fixed = {name: value for name, value in shared.items() if name not in trainable}
+
+    def embed_all(train: dict) -> torch.Tensor:
+        params = {**fixed, **train}
+        return vmap(lambda xb: task_math.embed(model, params, xb))(x)
+
+    embeddings, pull_back = torch.func.vjp(embed_all, {name: shared[name] for name in trainable})
+    frozen = embeddings.detach()
+    with torch.no_grad():
+        losses = vmap(task_math.head_loss)(private, frozen, y)
+    steps = functools.partial(task_math.head_steps_on_embeddings, lr=fed["head_lr"],
+                              weight_decay=fed["head_weight_decay"], steps=fed["head_steps"])
+    new_private = vmap(steps)(private, frozen, y)
+    heads = {name: value.detach() for name, value in new_private.items()}
+    grad_embeddings = torch.func.grad(lambda e: vmap(task_math.head_loss)(heads, e, y).mean())(frozen)
+    (mean_grads,) = pull_back(grad_embeddings)
+    return new_private, mean_grads, losses
+
+
 def train_vectorized(config: dict, taskset: TaskSet, out_dir: Path, progress=None) -> dict:
     """Train like the Flower engine does; return the same outcome dict."""
     fed, dp = config["federation"], config["dp"]
@@ -77,19 +104,24 @@ def train_vectorized(config: dict, taskset: TaskSet, out_dir: Path, progress=Non
                 x = torch.stack([augment(xb, config["seed"], server_round, pid) for xb, pid in zip(x, pids)])
             index = torch.tensor(pids, device=device)
             private = {name: value[index] for name, value in heads.items()}
-            one_task = functools.partial(task_math.local_round, model, shared, lr=fed["head_lr"],
-                                         weight_decay=fed["head_weight_decay"], steps=fed["head_steps"],
-                                         warm_start=warm, trainable=trainable)
-            def batched(p, xb, yb):
-                new_p, g, task_loss = one_task(p, xb, yb)
-                return new_p, ({} if g is None else g), task_loss  # warm-start: no encoder gradient
+            if aggregator.needs_task_updates or warm:
+                one_task = functools.partial(task_math.local_round, model, shared, lr=fed["head_lr"],
+                                             weight_decay=fed["head_weight_decay"], steps=fed["head_steps"],
+                                             warm_start=warm, trainable=trainable)
 
-            new_private, grads, losses = vmap(batched)(private, x, y)
+                def batched(p, xb, yb):
+                    new_p, g, task_loss = one_task(p, xb, yb)
+                    return new_p, ({} if g is None else g), task_loss  # warm-start: no encoder gradient
+
+                new_private, grads, losses = vmap(batched)(private, x, y)
+                if not warm:
+                    stats = aggregator.step({k: v.cpu() for k, v in grads.items()}, server_round)
+            else:
+                new_private, mean_grads, losses = _mean_gradient_round(model, shared, private, x, y, fed, trainable)
+                stats = aggregator.step_mean({k: v.cpu() for k, v in mean_grads.items()})
             for name in heads:
                 heads[name][index] = new_private[name]
             loss = float(losses.mean())
-            if not warm:
-                stats = aggregator.step({k: v.cpu() for k, v in grads.items()}, server_round)
         else:  # an empty Poisson sample still releases the noised (zero) update
             loss = math.nan
             if not warm:

@@ -57,6 +57,15 @@ class EncoderAggregator:
         """The encoder as released: trainable parameters and fixed tensors, detached."""
         return {**self.fixed, **{name: p.detach().clone() for name, p in self.params.items()}}
 
+    @property
+    def needs_task_updates(self) -> bool:
+        """Whether each task's update must be seen on its own (DP clipping, normalisation).
+
+        Otherwise FedSGD only needs their mean, which an engine may compute directly as the
+        gradient of the mean task loss (the same number, far cheaper than per-task gradients).
+        """
+        return self.dp_enabled or self.normalize
+
     def step(self, grads: Sequence[Mapping[str, torch.Tensor]] | Mapping[str, torch.Tensor],
              server_round: int) -> dict[str, float]:
         """Aggregate the round's task gradients (given in partition-id order) and update."""
@@ -75,10 +84,19 @@ class EncoderAggregator:
             if self.normalize:
                 updates = updates / norms.clamp_min(1e-12)[:, None]
             mean = updates.mean(0) if len(updates) else torch.zeros(size)
+        return {**metrics, **self._apply(mean)}
+
+    def step_mean(self, mean_grads: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """Apply an already averaged gradient (only valid when not ``needs_task_updates``)."""
+        if self.needs_task_updates:
+            raise ValueError("DP and normalised task gradients need each task's update: use step()")
+        return self._apply(torch.cat([mean_grads[name].reshape(-1).float() for name in self.names]))
+
+    def _apply(self, mean: torch.Tensor) -> dict[str, float]:
+        """Clip the aggregate to ``grad_clip`` and take one server optimizer step."""
         mean_norm = float(mean.norm())
         if self.grad_clip > 0 and mean_norm > self.grad_clip:
             mean = mean * (self.grad_clip / mean_norm)
-        metrics["aggregate_norm"] = mean_norm
         offset = 0
         for name, param in self.params.items():
             count = param.numel()
@@ -86,4 +104,4 @@ class EncoderAggregator:
             offset += count
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return metrics
+        return {"aggregate_norm": mean_norm}
