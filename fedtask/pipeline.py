@@ -116,17 +116,21 @@ def train(config: dict, out_dir: Path, progress=print_round) -> dict:
         f"{fed['rounds']} rounds ({fed['warm_start_rounds']} warm-start), {fed['tasks_per_round']} tasks/round, "
         f"engine={fed['engine']}" + (f", DP z={config['dp']['noise_multiplier']:.4g}" if config["dp"]["enabled"] else ""))
     started = time.perf_counter()
-    if fed["engine"] == "flower":
-        from fedtask.simulation import simulate
+    try:
+        if fed["engine"] == "flower":
+            from fedtask.simulation import simulate
 
-        outcome = simulate(config, work, progress)
-    else:
-        from fedtask.vectorized import train_vectorized
+            outcome = simulate(config, work, progress)
+        else:
+            from fedtask.vectorized import train_vectorized
 
-        outcome = train_vectorized(config, taskset, work, progress)
-    outcome["seconds"] = time.perf_counter() - started
-    outcome["majority_baseline"] = majority_baseline(taskset)
-    results = finish_training(config, work, outcome)
+            outcome = train_vectorized(config, taskset, work, progress)
+        outcome["seconds"] = time.perf_counter() - started
+        outcome["majority_baseline"] = majority_baseline(taskset)
+        results = finish_training(config, work, outcome)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)  # no half-written run is left behind
+        raise
     if out_dir.exists():
         for item in work.iterdir():
             target = out_dir / item.name
