@@ -134,7 +134,9 @@ def _default_targets(model_type: str, fallback: tuple[str, ...]) -> list[str]:
 def load_transformer(config: dict, auto_class, path: str | Path, what: str) -> nn.Module:
     """A transformers model from a local folder: its weights, or (model.random_init) its config only."""
     from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one line per worker and run is noise in the round log
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model.pretrained_path: {path}: no config.json (a transformers model folder "

@@ -80,6 +80,10 @@ def train_vectorized(config: dict, taskset: TaskSet, out_dir: Path, progress=Non
     if not model.head_only:
         raise ConfigError("federation.engine: 'vectorized' supports linear heads only; use engine = 'flower' "
                           "for LoRA adapters")
+    if any(isinstance(m, torch.nn.RNNBase) for m in model.modules()):
+        raise ConfigError(f"federation.engine: 'vectorized' cannot batch the recurrent encoder "
+                          f"{config['model']['encoder']!r} over tasks (torch.func has no vmap rule for it); "
+                          "use engine = 'flower'")
     num_tasks = len(taskset.in_tasks)
     train_x = _stack([t.train_x for t in taskset.in_tasks], "train").to(device)
     train_y = _stack([t.train_y for t in taskset.in_tasks], "train").to(device)

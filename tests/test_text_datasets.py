@@ -120,3 +120,25 @@ def test_missing_column_and_path_errors_name_the_key(tmp_path, bert_dir):
 def test_too_few_users_is_a_config_error(table, bert_dir):
     with pytest.raises(ConfigError, match="data.num_in_tasks: .* users"):
         load_taskset(so_config(table, bert_dir, min_samples_per_task=1000))
+
+
+@pytest.mark.parametrize("preset", ["stackoverflow_personalization", "stackoverflow_topics", "reddit"])
+def test_gpu_presets_run_their_code_path_on_fixtures(preset, table, bert_dir, lm_dir):
+    """The paper-scale presets, shrunk and pointed at fixtures: data, model and one task round."""
+    from fedtask import task as task_math
+    from fedtask.models import build_model, initial_private_state
+
+    config = load_config(f"configs/{preset}.toml", {
+        "data": {"path": str(table), "num_in_tasks": 2, "num_out_tasks": 2, "train_samples_per_task": 8,
+                 "holdout_samples_per_task": 4, "min_samples_per_task": 0, "max_samples_per_task": 0,
+                 "max_length": 16},
+        "model": {"pretrained_path": str(lm_dir if preset == "reddit" else bert_dir), "random_init": True},
+        "federation": {"tasks_per_round": 2, "num_gpus_per_client": 0.0}, "attack": {"k_strong": 4, "k_weak": 4}})
+    taskset = load_taskset(config)
+    model = build_model(config, taskset)
+    task = taskset.in_tasks[0]
+    private, grads, loss = task_math.local_round(
+        model, model.shared_state(), initial_private_state(model, 0, 0), task.train_x, task.train_y,
+        0.1, 1e-3, 1, False, model.shared_parameter_names())
+    assert torch.isfinite(loss) and set(grads) == set(model.shared_parameter_names())
+    assert (preset == "reddit") == all("lora_" in name for name in private)

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from fedtask.data.base import TaskData, TaskSet
-from fedtask.data.text import CHAR_VOCAB, TextEncoding
+from fedtask.data.text import CHAR_VOCAB, TextEncoding, char_ids
 
 POEMS = ("sonnets", "lovers_complaint", "passionate_pilgrim", "phoenix_and_the_turtle", "rape_of_lucrece")
 HEADING = re.compile(r"^(ACT|Act|SCENE|Scene|THE PROLOGUE|PROLOGUE|Prologue|EPILOGUE|Epilogue|INDUCTION|Induction|"
@@ -247,8 +247,11 @@ def role_texts(role: Role, holdout_share: float, min_holdout_chars: int, rng: np
             break
         held.add(int(index))
         size += len(speeches[index]) + 1
-    join = lambda idx: re.sub(r" {2,}", " ", " ".join(speeches[i] for i in idx))  # noqa: E731  (LEAF joins lines)
-    return (join(i for i in range(len(speeches)) if i not in held), join(sorted(held)))
+
+    def join(indices) -> str:  # LEAF joins a role's lines with single spaces
+        return re.sub(r" {2,}", " ", " ".join(speeches[i] for i in indices))
+
+    return join(i for i in range(len(speeches)) if i not in held), join(sorted(held))
 
 
 def next_char_windows(text: str, count: int, seq_len: int, rng: np.random.Generator) -> tuple[list[str], torch.Tensor]:
@@ -258,8 +261,6 @@ def next_char_windows(text: str, count: int, seq_len: int, rng: np.random.Genera
         return [], torch.zeros(0, dtype=torch.int64)
     starts = np.sort(rng.choice(positions, size=min(count, positions), replace=False))
     inputs = [text[s:s + seq_len] for s in starts]
-    from fedtask.data.text import char_ids
-
     labels = torch.tensor([char_ids(text[s + seq_len])[0] for s in starts], dtype=torch.int64)
     return inputs, labels
 

@@ -158,8 +158,8 @@ def read_table(path: str, columns: dict[str, str]):
             else:
                 frame = pd.read_json(file, lines=file.suffix == ".jsonl" or _looks_like_json_lines(file))
         except Exception as err:  # pyarrow / json errors: one line naming the file
-            raise ValueError(f"data.path: {file}: cannot read ({type(err).__name__}: {str(err).splitlines()[0][:120]})") \
-                from None
+            reason = (str(err).splitlines() or [""])[0][:120]
+            raise ValueError(f"data.path: {file}: cannot read ({type(err).__name__}: {reason})") from None
         missing = [f"{key}={name!r}" for key, name in columns.items() if name not in frame.columns]
         if missing:
             raise KeyError(f"data.path: {file}: missing column(s) {', '.join(missing)}; "
