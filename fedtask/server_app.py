@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedtask.data import load_tasks

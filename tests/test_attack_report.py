@@ -1,7 +1,6 @@
 """report.md / roc.png / hist.png from a results.json dict, with and without attacks."""
 
 import numpy as np
-import pytest
 
 from attacks import format_tables, write_report
 from attacks.report import load_raw_scores, save_raw_scores

@@ -39,6 +39,7 @@ def test_head_persists_across_rounds_and_only_encoder_gradients_are_returned():
     reply1 = client_app.train(make_message(config, encoder, 1), context)
     head1 = context.state[client_app.HEAD_KEY].to_torch_state_dict()
     reply2 = client_app.train(make_message(config, encoder, 2), context)
+    assert int(reply2.content["metrics"]["partition-id"]) == 2 and "encoder-grad" in reply2.content
     head2 = context.state[client_app.HEAD_KEY].to_torch_state_dict()
 
     # only metrics and the encoder gradient travel back; the gradient covers the encoder alone
