@@ -119,6 +119,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     shared = {k: v.to(runtime.device) for k, v in msg.content["encoder"].to_torch_state_dict().items()}
     private = _private_state(context, runtime, partition_id)
     dev = runtime.device
+    fed = runtime.config["federation"]
+    if fed["final_head_steps"]:
+        # a head was last trained when its task was last sampled; refresh it on the final encoder
+        # (the encoder is untouched, so this costs no privacy)
+        private = task_math.head_steps(runtime.model, shared, private, task.train_x.to(dev), task.train_y.to(dev),
+                                       fed["head_lr"], fed["head_weight_decay"], fed["final_head_steps"])
+        context.state[HEAD_KEY] = ArrayRecord(torch_state_dict={k: v.detach().cpu() for k, v in private.items()})
     train_acc = task_math.accuracy(runtime.model, shared, private, task.train_x.to(dev), task.train_y.to(dev))
     holdout_acc = (task_math.accuracy(runtime.model, shared, private, task.holdout_x.to(dev), task.holdout_y.to(dev))
                    if len(task.holdout_y) else float("nan"))

@@ -86,6 +86,7 @@ SCHEMA: dict[str, tuple[Any, tuple[type, ...]]] = {
     "federation.head_lr": (0.1, (float,)),
     "federation.head_weight_decay": (1e-3, (float,)),
     "federation.head_steps": (1, (int,)),
+    "federation.final_head_steps": (0, (int,)),  # head-only steps on the final encoder before evaluation
     "federation.batch_size": (0, (int,)),
     # --- task-level differential privacy ------------------------------------------
     "dp.enabled": (False, (bool,)),
@@ -245,6 +246,7 @@ def validate(config: dict) -> None:
     for key in ("server_weight_decay", "head_weight_decay", "grad_clip", "server_momentum"):
         _require(fed[key] >= 0, f"federation.{key}", f"must be >= 0; got {fed[key]}")
     _require(fed["head_steps"] >= 1, "federation.head_steps", "must be >= 1")
+    _require(fed["final_head_steps"] >= 0, "federation.final_head_steps", "must be >= 0")
     _require(fed["batch_size"] >= 0, "federation.batch_size", "must be >= 0 (0 = the whole task)")
 
     _require(dp["clipping_norm"] > 0, "dp.clipping_norm", f"must be > 0; got {dp['clipping_norm']}")

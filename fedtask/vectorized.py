@@ -138,7 +138,12 @@ def train_vectorized(config: dict, taskset: TaskSet, out_dir: Path, progress=Non
             progress(row)
 
     final = aggregator.state()
-    evaluation = evaluate_all(model, {k: v.to(device) for k, v in final.items()}, heads, taskset, device)
+    final_device = {k: v.to(device) for k, v in final.items()}
+    if fed["final_head_steps"]:  # refresh every head on the final encoder, as each client does
+        refresh = functools.partial(task_math.head_steps, model, final_device, lr=fed["head_lr"],
+                                    weight_decay=fed["head_weight_decay"], steps=fed["final_head_steps"])
+        heads = vmap(lambda p, xb, yb: refresh(p, xb, yb))(heads, train_x, train_y)
+    evaluation = evaluate_all(model, final_device, heads, taskset, device)
     heads_dir = Path(out_dir) / "heads"
     heads_dir.mkdir(parents=True, exist_ok=True)
     for pid, task in enumerate(taskset.in_tasks):

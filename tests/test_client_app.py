@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedtask import client_app
@@ -70,3 +71,24 @@ def test_warm_start_rounds_return_no_encoder_update():
     reply = client_app.train(make_message(config, encoder, 1, warm_start=True), context)
     assert "encoder-grad" not in reply.content
     assert client_app.HEAD_KEY in context.state
+
+
+def test_evaluation_refreshes_a_stale_head_on_the_final_encoder(tmp_path):
+    config = load_config(None, ["data.num_in_tasks=4", "data.num_out_tasks=2", "federation.tasks_per_round=2",
+                                "federation.final_head_steps=5"])
+    taskset = load_tasks(config)
+    model = build_model(config, taskset)
+    encoder = model.shared_state()
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
+    record = RecordDict({"encoder": ArrayRecord(torch_state_dict=encoder),
+                         "config": ConfigRecord({"run-config": json.dumps(config, sort_keys=True),
+                                                 "heads-dir": str(tmp_path)})})
+    reply = client_app.evaluate(Message(content=record, dst_node_id=1, message_type="evaluate"), context)
+    task = taskset.in_tasks[1]
+    fed = config["federation"]
+    expected = task_math.head_steps(model, encoder, initial_private_state(model, 1, config["seed"]), task.train_x,
+                                    task.train_y, fed["head_lr"], fed["head_weight_decay"], 5)
+    kept = context.state[client_app.HEAD_KEY].to_torch_state_dict()
+    saved = load_file(str(next(tmp_path.glob("00001_*.safetensors"))))
+    assert all(torch.allclose(kept[k], expected[k], atol=1e-6) and torch.allclose(saved[k], kept[k]) for k in kept)
+    assert 0.0 <= float(reply.content["metrics"]["accuracy"]) <= 1.0

@@ -14,6 +14,7 @@ pytestmark = pytest.mark.simulation
 
 TINY = ["data.num_in_tasks=6", "data.num_out_tasks=6", "federation.tasks_per_round=3", "federation.rounds=6",
         "federation.warm_start_rounds=2", "federation.head_steps=2", "attack.trials=8", "attack.bootstrap=20"]
+REFRESH = ["federation.final_head_steps=3"]  # every head, even an unsampled one, is refreshed before evaluation
 DP = ["dp.enabled=true", "dp.noise_multiplier=0.8", "dp.clipping_norm=0.5"]
 
 
@@ -22,7 +23,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("sim")
     out = {}
     for name, engine, extra in (("flower_a", "flower", []), ("flower_b", "flower", []), ("vector", "vectorized", []),
-                                ("flower_dp", "flower", DP), ("vector_dp", "vectorized", DP)):
+                                ("flower_dp", "flower", DP + REFRESH), ("vector_dp", "vectorized", DP + REFRESH)):
         config = load_config("configs/synthetic.toml", TINY + extra + [f'federation.engine="{engine}"'])
         pipeline.train(config, root / name, progress=None)
         out[name] = root / name
