@@ -27,6 +27,15 @@ def save_state(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, s
     tmp.replace(path)
 
 
+def save_head(heads_dir: Path, partition_id: int, task_name: str, private: dict[str, torch.Tensor]) -> None:
+    """A task's head (and adapter) as its client keeps it, named by partition id and task."""
+    heads_dir = Path(heads_dir)
+    heads_dir.mkdir(parents=True, exist_ok=True)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in task_name)[:80]
+    save_state(private, heads_dir / f"{partition_id:05d}_{safe}.safetensors",
+               {"task": task_name, "partition_id": str(partition_id)})
+
+
 def load_state(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from safetensors.torch import save_file
 
 from fedtask import task as task_math
+from fedtask.checkpoint import save_head
 from fedtask.data import TaskSet, load_tasks
 from fedtask.models import TaskModel, build_model, initial_private_state
 
@@ -131,15 +131,7 @@ def evaluate(msg: Message, context: Context) -> Message:
                    if len(task.holdout_y) else float("nan"))
     heads_dir = str(settings.get("heads-dir", ""))
     if heads_dir:
-        Path(heads_dir).mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in private.items()},
-                  str(Path(heads_dir) / f"{partition_id:05d}_{_safe(task.name)}.safetensors"),
-                  metadata={"task": task.name, "partition_id": str(partition_id)})
+        save_head(Path(heads_dir), partition_id, task.name, private)
     metrics = MetricRecord({"partition-id": partition_id, "accuracy": holdout_acc, "train-accuracy": train_acc,
                             "num-examples": int(len(task.holdout_y))})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:80]
-

@@ -17,7 +17,7 @@ import torch
 from torch.func import functional_call, vmap
 
 from fedtask import task as task_math
-from fedtask.checkpoint import save_state
+from fedtask.checkpoint import save_head
 from fedtask.config import ConfigError
 from fedtask.data.base import TaskSet
 from fedtask.models import build_model, initial_private_state
@@ -144,12 +144,8 @@ def train_vectorized(config: dict, taskset: TaskSet, out_dir: Path, progress=Non
                                     weight_decay=fed["head_weight_decay"], steps=fed["final_head_steps"])
         heads = vmap(lambda p, xb, yb: refresh(p, xb, yb))(heads, train_x, train_y)
     evaluation = evaluate_all(model, final_device, heads, taskset, device)
-    heads_dir = Path(out_dir) / "heads"
-    heads_dir.mkdir(parents=True, exist_ok=True)
     for pid, task in enumerate(taskset.in_tasks):
-        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in task.name)[:80]
-        save_state({k: v[pid] for k, v in heads.items()}, heads_dir / f"{pid:05d}_{name}.safetensors",
-                   {"task": task.name, "partition_id": str(pid)})
+        save_head(Path(out_dir) / "heads", pid, task.name, {k: v[pid] for k, v in heads.items()})
     return {"initial_encoder": initial, "encoder": final, "rounds": rounds_log, "evaluation": evaluation,
             "heads": {k: v.cpu() for k, v in heads.items()}}
 

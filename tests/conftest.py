@@ -18,3 +18,19 @@ def tiny_overrides():
         "data.num_in_tasks=8", "data.num_out_tasks=8", "federation.tasks_per_round=4",
         "federation.rounds=6", "federation.warm_start_rounds=2", "attack.trials=16", "attack.bootstrap=50",
     ]
+
+
+@pytest.fixture(scope="session")
+def bert_dir(tmp_path_factory):
+    """A tiny randomly initialised BERT saved as a local transformers folder (built once per run)."""
+    from text_fixtures import tiny_bert
+
+    return tiny_bert(tmp_path_factory.mktemp("tinybert"))
+
+
+@pytest.fixture(scope="session")
+def lm_dir(tmp_path_factory):
+    """A tiny randomly initialised causal LM saved as a local transformers folder."""
+    from text_fixtures import tiny_causal_lm
+
+    return tiny_causal_lm(tmp_path_factory.mktemp("tinylm"))

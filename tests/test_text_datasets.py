@@ -10,17 +10,7 @@ from fedtask.data import reddit, stackoverflow
 from fedtask.data.text import TextEncoding, parse_tags
 from fedtask.pipeline import load_taskset
 
-from text_fixtures import TAGS, posts, tiny_bert, tiny_causal_lm
-
-
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory):
-    return tiny_bert(tmp_path_factory.mktemp("tinybert"))
-
-
-@pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory):
-    return tiny_causal_lm(tmp_path_factory.mktemp("tinylm"))
+from text_fixtures import TAGS, posts
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from fedtask.config import load_config
 from fedtask.data.base import TaskData, TaskSet
 from fedtask.models import build_model, initial_private_state
 
-from text_fixtures import tiny_bert, tiny_causal_lm
 
 LR, WD = 0.5, 1e-3
 
@@ -25,16 +24,6 @@ def token_taskset(vocab: int, num_classes: int, length: int = 12, n: int = 8, pa
     task = TaskData("t0", x, y, x[:2], y[:2])
     return TaskSet([task, task], [task], num_classes, "tokens", (length,), vocab,
                    extra={"pad_token_id": pad, "encoding": encoding})
-
-
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory):
-    return tiny_bert(tmp_path_factory.mktemp("tinybert"))
-
-
-@pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory):
-    return tiny_causal_lm(tmp_path_factory.mktemp("tinylm"))
 
 
 def bert_config(path, **model):
