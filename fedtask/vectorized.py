@@ -33,6 +33,24 @@ def _stack(tensors: list[torch.Tensor], what: str) -> torch.Tensor:
     return torch.stack(tensors)
 
 
+def _in_passes(batched, chunk: int, private: dict, *tensors: torch.Tensor):
+    """``batched(private, *tensors)`` over ``chunk`` tasks at a time, outputs joined on the task axis."""
+    heads = {name: value.split(chunk) for name, value in private.items()}
+    outputs = [batched({name: parts[i] for name, parts in heads.items()}, *(t[i * chunk:(i + 1) * chunk]
+                                                                             for t in tensors))
+               for i in range(math.ceil(len(tensors[0]) / chunk))]
+    return _join(outputs)
+
+
+def _join(outputs: list):
+    first = outputs[0]
+    if isinstance(first, tuple):
+        return tuple(_join([out[i] for out in outputs]) for i in range(len(first)))
+    if isinstance(first, dict):  # an empty dict (warm start: no encoder gradient) stays empty
+        return {name: torch.cat([out[name] for out in outputs]) for name in first}
+    return torch.cat(outputs)
+
+
 def _gather_batches(x: torch.Tensor, y: torch.Tensor, pids: list[int], config: dict, server_round: int):
     """The round's inputs for the sampled tasks, with the same seeded minibatches as Flower."""
     batch = config["federation"]["batch_size"]
@@ -44,30 +62,50 @@ def _gather_batches(x: torch.Tensor, y: torch.Tensor, pids: list[int], config: d
     return x[index[:, None], cols], y[index[:, None], cols]
 
 
+def tasks_per_pass(config: dict, samples_per_task: int, num_tasks: int) -> int:
+    """Whole tasks per encoder pass under ``federation.samples_per_pass`` (at least one).
+
+    A pass over a few hundred tasks at once holds every activation of the round: gigabytes
+    for a ResNet, and on a CPU even a small MLP's 16 MB activations fall out of cache and
+    cost page faults on every allocation. Passes of about a thousand samples avoid both.
+    """
+    limit = config["federation"]["samples_per_pass"]
+    return num_tasks if limit <= 0 else max(1, min(num_tasks, limit // max(1, samples_per_task)))
+
+
 def _mean_gradient_round(model, shared: dict, private: dict, x: torch.Tensor, y: torch.Tensor, fed: dict,
-                         trainable: list[str]):
-    """Each task's head steps, then the mean of the tasks' encoder gradients, in one pass.
+                         trainable: list[str], chunk: int):
+    """Each task's head steps, then the mean of the tasks' encoder gradients.
 
     The gradient of the mean task loss equals the mean of the per-task gradients that
     Flower clients send (FedSGD), and one encoder forward serves the head steps, the
     loss and the backward pass: no per-task encoder gradient is ever materialised.
+    Every encoder here maps each sample on its own (no batch statistics: group or frozen
+    batch norm, transformers without dropout), so ``chunk`` tasks' samples at a time go
+    through :func:`fedtask.task.embed` as one batch, exactly as each client's do. The head
+    steps then run on all tasks' embeddings at once, and each pass's backward adds its share.
     """
     fixed = {name: value for name, value in shared.items() if name not in trainable}
+    train = {name: shared[name] for name in trainable}
 
-    def embed_all(train: dict) -> torch.Tensor:
-        params = {**fixed, **train}
-        return vmap(lambda xb: task_math.embed(model, params, xb))(x)
+    def forward(x_chunk: torch.Tensor):
+        def embed_chunk(params: dict) -> torch.Tensor:
+            flat = task_math.embed(model, {**fixed, **params}, x_chunk.flatten(0, 1))
+            return flat.unflatten(0, x_chunk.shape[:2])
 
-    embeddings, pull_back = torch.func.vjp(embed_all, {name: shared[name] for name in trainable})
-    frozen = embeddings.detach()
-    with torch.no_grad():
-        losses = vmap(task_math.head_loss)(private, frozen, y)
-    steps = functools.partial(task_math.head_steps_on_embeddings, lr=fed["head_lr"],
-                              weight_decay=fed["head_weight_decay"], steps=fed["head_steps"])
-    new_private = vmap(steps)(private, frozen, y)
-    heads = {name: value.detach() for name, value in new_private.items()}
-    grad_embeddings = torch.func.grad(lambda e: vmap(task_math.head_loss)(heads, e, y).mean())(frozen)
-    (mean_grads,) = pull_back(grad_embeddings)
+        return torch.func.vjp(embed_chunk, train)
+
+    passes = [forward(x_chunk) for x_chunk in x.split(chunk)]
+    frozen = torch.cat([embeddings.detach() for embeddings, _ in passes])
+    # the head's closed-form gradient takes leading task dimensions: no vmap needed
+    _, losses, _ = task_math.head_gradient(private, frozen, y)
+    new_private = task_math.head_steps_on_embeddings(private, frozen, y, fed["head_lr"], fed["head_weight_decay"],
+                                                     fed["head_steps"])
+    _, _, grad_embeddings = task_math.head_gradient(new_private, frozen, y)
+    mean_grads = None
+    for (_, pull_back), grad_chunk in zip(passes, (grad_embeddings / len(x)).split(chunk)):
+        (grads,) = pull_back(grad_chunk)
+        mean_grads = grads if mean_grads is None else {name: mean_grads[name] + grads[name] for name in grads}
     return new_private, mean_grads, losses
 
 
@@ -108,6 +146,7 @@ def train_vectorized(config: dict, taskset: TaskSet, out_dir: Path, progress=Non
                 x = torch.stack([augment(xb, config["seed"], server_round, pid) for xb, pid in zip(x, pids)])
             index = torch.tensor(pids, device=device)
             private = {name: value[index] for name, value in heads.items()}
+            chunk = tasks_per_pass(config, x.shape[1], len(pids))
             if aggregator.needs_task_updates or warm:
                 one_task = functools.partial(task_math.local_round, model, shared, lr=fed["head_lr"],
                                              weight_decay=fed["head_weight_decay"], steps=fed["head_steps"],
@@ -117,11 +156,12 @@ def train_vectorized(config: dict, taskset: TaskSet, out_dir: Path, progress=Non
                     new_p, g, task_loss = one_task(p, xb, yb)
                     return new_p, ({} if g is None else g), task_loss  # warm-start: no encoder gradient
 
-                new_private, grads, losses = vmap(batched)(private, x, y)
+                new_private, grads, losses = _in_passes(vmap(batched), chunk, private, x, y)
                 if not warm:
                     stats = aggregator.step({k: v.cpu() for k, v in grads.items()}, server_round)
             else:
-                new_private, mean_grads, losses = _mean_gradient_round(model, shared, private, x, y, fed, trainable)
+                new_private, mean_grads, losses = _mean_gradient_round(model, shared, private, x, y, fed, trainable,
+                                                                       chunk)
                 stats = aggregator.step_mean({k: v.cpu() for k, v in mean_grads.items()})
             for name in heads:
                 heads[name][index] = new_private[name]
@@ -139,11 +179,12 @@ def train_vectorized(config: dict, taskset: TaskSet, out_dir: Path, progress=Non
 
     final = aggregator.state()
     final_device = {k: v.to(device) for k, v in final.items()}
+    chunk = tasks_per_pass(config, train_x.shape[1], num_tasks)
     if fed["final_head_steps"]:  # refresh every head on the final encoder, as each client does
         refresh = functools.partial(task_math.head_steps, model, final_device, lr=fed["head_lr"],
                                     weight_decay=fed["head_weight_decay"], steps=fed["final_head_steps"])
-        heads = vmap(lambda p, xb, yb: refresh(p, xb, yb))(heads, train_x, train_y)
-    evaluation = evaluate_all(model, final_device, heads, taskset, device)
+        heads = _in_passes(vmap(lambda p, xb, yb: refresh(p, xb, yb)), chunk, heads, train_x, train_y)
+    evaluation = evaluate_all(model, final_device, heads, taskset, device, chunk)
     for pid, task in enumerate(taskset.in_tasks):
         save_head(Path(out_dir) / "heads", pid, task.name, {k: v[pid] for k, v in heads.items()})
     return {"initial_encoder": initial, "encoder": final, "rounds": rounds_log, "evaluation": evaluation,
@@ -151,12 +192,16 @@ def train_vectorized(config: dict, taskset: TaskSet, out_dir: Path, progress=Non
 
 
 @torch.no_grad()
-def evaluate_all(model, shared: dict, heads: dict, taskset: TaskSet, device) -> list[dict]:
-    """Train and held-out accuracy of every IN task's head, all tasks in one batched pass."""
+def evaluate_all(model, shared: dict, heads: dict, taskset: TaskSet, device, chunk: int = 0) -> list[dict]:
+    """Train and held-out accuracy of every IN task's head, ``chunk`` tasks (0: all) per batched pass."""
+    chunk = chunk or len(taskset.in_tasks)
+
+    def task_accuracy(p: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = vmap(lambda p, xb: functional_call(model, {**shared, **p}, (xb,)))(p, x)
+        return (logits.argmax(-1) == y).float().mean(dim=tuple(range(1, y.dim())))
 
     def accuracy(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = vmap(lambda p, xb: functional_call(model, {**shared, **p}, (xb,)))(heads, x)
-        return (logits.argmax(-1) == y).float().mean(dim=tuple(range(1, y.dim())))
+        return _in_passes(task_accuracy, chunk, heads, x, y)
 
     train_x = _stack([t.train_x for t in taskset.in_tasks], "train").to(device)
     train_y = _stack([t.train_y for t in taskset.in_tasks], "train").to(device)

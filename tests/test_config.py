@@ -24,6 +24,7 @@ def run_cli(capsys, *argv):
     ("data.path=\"/no/such/file.parquet\"", "data.path"),        # missing data file
     ("data.name=\"mnist\"", "data.name"),
     ("federation.engine=\"spark\"", "federation.engine"),
+    ("federation.samples_per_pass=-1", "federation.samples_per_pass"),
 ])
 def test_bad_values_exit_2_naming_the_key(capsys, tmp_path, assignment, key):
     out = tmp_path / "run"

@@ -47,6 +47,36 @@ def test_head_steps_lower_the_task_loss_and_leave_the_encoder_alone():
     assert all(torch.equal(shared[k], model.shared_state()[k]) for k in shared)
 
 
+def test_closed_form_head_gradient_matches_autograd():
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(32,), (4, 7)]:  # one label per sample, and per-position labels with ignored ones
+        embeddings = torch.randn(*shape, 8, dtype=torch.float64, generator=gen)
+        labels = torch.randint(0, 5, shape, generator=gen)
+        labels.view(-1)[:3] = task_math.IGNORE_INDEX
+        head = {"head.weight": torch.randn(5, 8, dtype=torch.float64, generator=gen),
+                "head.bias": torch.randn(5, dtype=torch.float64, generator=gen)}
+        grads, loss, grad_embeddings = task_math.head_gradient(head, embeddings, labels)
+        ref_grads, ref_loss = torch.func.grad_and_value(lambda h: task_math.head_loss(h, embeddings, labels))(head)
+        ref_embeddings = torch.func.grad(lambda e: task_math.head_loss(head, e, labels))(embeddings)
+        assert torch.allclose(loss, ref_loss, atol=1e-12)
+        assert all(torch.allclose(grads[k], ref_grads[k], atol=1e-12) for k in head)
+        assert torch.allclose(grad_embeddings, ref_embeddings, atol=1e-12)
+
+
+def test_head_math_on_many_tasks_at_once_equals_one_task_at_a_time():
+    gen = torch.Generator().manual_seed(1)
+    embeddings, labels = torch.randn(6, 4, 7, 8, generator=gen), torch.randint(0, 5, (6, 4, 7), generator=gen)
+    labels[2, 1] = task_math.IGNORE_INDEX
+    heads = {"head.weight": torch.randn(6, 5, 8, generator=gen), "head.bias": torch.randn(6, 5, generator=gen)}
+    together = task_math.head_steps_on_embeddings(heads, embeddings, labels, lr=0.3, weight_decay=0.01, steps=3)
+    for t in range(6):
+        alone = task_math.head_steps_on_embeddings({k: v[t] for k, v in heads.items()}, embeddings[t], labels[t],
+                                                   lr=0.3, weight_decay=0.01, steps=3)
+        assert all(torch.allclose(together[k][t], alone[k], atol=1e-6) for k in heads)
+    _, losses, _ = task_math.head_gradient(heads, embeddings, labels)
+    assert losses.shape == (6,)
+
+
 def test_private_state_is_seeded_per_task():
     config, _, model = setup()
     a, b = initial_private_state(model, 0, 0), initial_private_state(model, 1, 0)

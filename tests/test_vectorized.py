@@ -1,0 +1,39 @@
+"""The vectorised engine's encoder passes: splitting a round into passes changes nothing but memory."""
+import pytest
+import torch
+
+from fedtask.config import load_config
+from fedtask.data import load_tasks
+from fedtask.vectorized import tasks_per_pass, train_vectorized
+
+SMALL = ["data.num_in_tasks=8", "data.num_out_tasks=2", "federation.tasks_per_round=5", "federation.rounds=5",
+         "federation.warm_start_rounds=1", "federation.head_steps=2", "federation.final_head_steps=2",
+         'federation.engine="vectorized"']
+DP = ["dp.enabled=true", "dp.noise_multiplier=0.8", "dp.clipping_norm=0.5"]
+
+
+def run(tmp_path, extra):
+    config = load_config("configs/synthetic.toml", SMALL + extra)
+    return train_vectorized(config, load_tasks(config), tmp_path, None)
+
+
+def test_tasks_per_pass_holds_whole_tasks():
+    config = load_config("configs/synthetic.toml", ["federation.samples_per_pass=100"])
+    assert tasks_per_pass(config, 32, 256) == 3
+    assert tasks_per_pass(config, 500, 256) == 1  # never less than one task
+    assert tasks_per_pass(config, 32, 2) == 2
+    assert tasks_per_pass(load_config("configs/synthetic.toml", ["federation.samples_per_pass=0"]), 32, 256) == 256
+
+
+@pytest.mark.parametrize("extra", [[], DP], ids=["fused-mean", "per-task-dp"])
+def test_passes_of_two_tasks_equal_one_pass(tmp_path, extra):
+    # 5 sampled tasks of 32 samples in passes of 64 samples: 2 + 2 + 1 tasks
+    one = run(tmp_path / "one", extra + ["federation.samples_per_pass=0"])
+    split = run(tmp_path / "split", extra + ["federation.samples_per_pass=64"])
+    for key in one["encoder"]:
+        assert torch.allclose(one["encoder"][key], split["encoder"][key], atol=1e-6), key
+    assert not torch.equal(one["encoder"]["encoder.hidden.weight"], one["initial_encoder"]["encoder.hidden.weight"])
+    for key in one["heads"]:
+        assert torch.allclose(one["heads"][key], split["heads"][key], atol=1e-6), key
+    assert [r["loss"] for r in one["rounds"]] == pytest.approx([r["loss"] for r in split["rounds"]], abs=1e-6)
+    assert [e["accuracy"] for e in one["evaluation"]] == [e["accuracy"] for e in split["evaluation"]]
