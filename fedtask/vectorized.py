@@ -62,15 +62,20 @@ def _gather_batches(x: torch.Tensor, y: torch.Tensor, pids: list[int], config: d
     return x[index[:, None], cols], y[index[:, None], cols]
 
 
-def tasks_per_pass(config: dict, samples_per_task: int, num_tasks: int) -> int:
+AUTO_SAMPLES_PER_PASS = {"cpu": 1024, "cuda": 8192}
+
+
+def tasks_per_pass(config: dict, samples_per_task: int, num_tasks: int, device: torch.device) -> int:
     """Whole tasks per encoder pass under ``federation.samples_per_pass`` (at least one).
 
     A pass over a few hundred tasks at once holds every activation of the round: gigabytes
     for a ResNet, and on a CPU even a small MLP's 16 MB activations fall out of cache and
-    cost page faults on every allocation. Passes of about a thousand samples avoid both.
+    cost page faults on every allocation, so passes of about a thousand samples are faster
+    there. A GPU wants the opposite: few, large passes, each kernel launch doing more work.
+    ``0`` (the default) picks per device; a big encoder on a small GPU may need fewer.
     """
-    limit = config["federation"]["samples_per_pass"]
-    return num_tasks if limit <= 0 else max(1, min(num_tasks, limit // max(1, samples_per_task)))
+    limit = config["federation"]["samples_per_pass"] or AUTO_SAMPLES_PER_PASS.get(torch.device(device).type, 1024)
+    return max(1, min(num_tasks, limit // max(1, samples_per_task)))
 
 
 def _mean_gradient_round(model, shared: dict, private: dict, x: torch.Tensor, y: torch.Tensor, fed: dict,
@@ -86,27 +91,19 @@ def _mean_gradient_round(model, shared: dict, private: dict, x: torch.Tensor, y:
     steps then run on all tasks' embeddings at once, and each pass's backward adds its share.
     """
     fixed = {name: value for name, value in shared.items() if name not in trainable}
-    train = {name: shared[name] for name in trainable}
-
-    def forward(x_chunk: torch.Tensor):
-        def embed_chunk(params: dict) -> torch.Tensor:
-            flat = task_math.embed(model, {**fixed, **params}, x_chunk.flatten(0, 1))
-            return flat.unflatten(0, x_chunk.shape[:2])
-
-        return torch.func.vjp(embed_chunk, train)
-
-    passes = [forward(x_chunk) for x_chunk in x.split(chunk)]
-    frozen = torch.cat([embeddings.detach() for embeddings, _ in passes])
+    train = {name: shared[name].detach().requires_grad_() for name in trainable}
+    params = {**fixed, **train}
+    passes = [task_math.embed(model, params, part.flatten(0, 1)).unflatten(0, part.shape[:2])
+              for part in x.split(chunk)]
+    frozen = torch.cat([embeddings.detach() for embeddings in passes])
     # the head's closed-form gradient takes leading task dimensions: no vmap needed
     _, losses, _ = task_math.head_gradient(private, frozen, y)
     new_private = task_math.head_steps_on_embeddings(private, frozen, y, fed["head_lr"], fed["head_weight_decay"],
                                                      fed["head_steps"])
     _, _, grad_embeddings = task_math.head_gradient(new_private, frozen, y)
-    mean_grads = None
-    for (_, pull_back), grad_chunk in zip(passes, (grad_embeddings / len(x)).split(chunk)):
-        (grads,) = pull_back(grad_chunk)
-        mean_grads = grads if mean_grads is None else {name: mean_grads[name] + grads[name] for name in grads}
-    return new_private, mean_grads, losses
+    # one backward through every pass: autograd adds the passes' shares of the mean gradient
+    grads = torch.autograd.grad(passes, list(train.values()), list((grad_embeddings / len(x)).split(chunk)))
+    return new_private, dict(zip(train, grads)), losses
 
 
 def train_vectorized(config: dict, taskset: TaskSet, out_dir: Path, progress=None) -> dict:
@@ -125,9 +122,9 @@ def train_vectorized(config: dict, taskset: TaskSet, out_dir: Path, progress=Non
     num_tasks = len(taskset.in_tasks)
     train_x = _stack([t.train_x for t in taskset.in_tasks], "train").to(device)
     train_y = _stack([t.train_y for t in taskset.in_tasks], "train").to(device)
-    initial = model.shared_state()
+    initial = {name: value.cpu() for name, value in model.shared_state().items()}  # as the Flower engine returns it
     trainable = model.shared_parameter_names()
-    aggregator = EncoderAggregator({k: v.cpu() for k, v in initial.items()}, trainable, fed, dp, num_tasks,
+    aggregator = EncoderAggregator(dict(initial), trainable, fed, dp, num_tasks,
                                    config["seed"])
     heads = [initial_private_state(model, pid, config["seed"]) for pid in range(num_tasks)]
     heads = {name: torch.stack([h[name] for h in heads]).to(device) for name in heads[0]}
@@ -146,7 +143,7 @@ def train_vectorized(config: dict, taskset: TaskSet, out_dir: Path, progress=Non
                 x = torch.stack([augment(xb, config["seed"], server_round, pid) for xb, pid in zip(x, pids)])
             index = torch.tensor(pids, device=device)
             private = {name: value[index] for name, value in heads.items()}
-            chunk = tasks_per_pass(config, x.shape[1], len(pids))
+            chunk = tasks_per_pass(config, x.shape[1], len(pids), device)
             if aggregator.needs_task_updates or warm:
                 one_task = functools.partial(task_math.local_round, model, shared, lr=fed["head_lr"],
                                              weight_decay=fed["head_weight_decay"], steps=fed["head_steps"],
@@ -179,7 +176,7 @@ def train_vectorized(config: dict, taskset: TaskSet, out_dir: Path, progress=Non
 
     final = aggregator.state()
     final_device = {k: v.to(device) for k, v in final.items()}
-    chunk = tasks_per_pass(config, train_x.shape[1], num_tasks)
+    chunk = tasks_per_pass(config, train_x.shape[1], num_tasks, device)
     if fed["final_head_steps"]:  # refresh every head on the final encoder, as each client does
         refresh = functools.partial(task_math.head_steps, model, final_device, lr=fed["head_lr"],
                                     weight_decay=fed["head_weight_decay"], steps=fed["final_head_steps"])

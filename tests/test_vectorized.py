@@ -19,16 +19,19 @@ def run(tmp_path, extra):
 
 def test_tasks_per_pass_holds_whole_tasks():
     config = load_config("configs/synthetic.toml", ["federation.samples_per_pass=100"])
-    assert tasks_per_pass(config, 32, 256) == 3
-    assert tasks_per_pass(config, 500, 256) == 1  # never less than one task
-    assert tasks_per_pass(config, 32, 2) == 2
-    assert tasks_per_pass(load_config("configs/synthetic.toml", ["federation.samples_per_pass=0"]), 32, 256) == 256
+    cpu = torch.device("cpu")
+    assert tasks_per_pass(config, 32, 256, cpu) == 3
+    assert tasks_per_pass(config, 500, 256, cpu) == 1  # never less than one task
+    assert tasks_per_pass(config, 32, 2, cpu) == 2
+    auto = load_config("configs/synthetic.toml", [])
+    assert tasks_per_pass(auto, 32, 256, cpu) == 32  # 1024 samples per pass on a CPU
+    assert tasks_per_pass(auto, 32, 256, torch.device("cuda")) == 256  # 8192 on a GPU
 
 
 @pytest.mark.parametrize("extra", [[], DP], ids=["fused-mean", "per-task-dp"])
 def test_passes_of_two_tasks_equal_one_pass(tmp_path, extra):
     # 5 sampled tasks of 32 samples in passes of 64 samples: 2 + 2 + 1 tasks
-    one = run(tmp_path / "one", extra + ["federation.samples_per_pass=0"])
+    one = run(tmp_path / "one", extra + ["federation.samples_per_pass=100000"])
     split = run(tmp_path / "split", extra + ["federation.samples_per_pass=64"])
     for key in one["encoder"]:
         assert torch.allclose(one["encoder"][key], split["encoder"][key], atol=1e-6), key
