@@ -28,6 +28,7 @@ from fedtask import task as task_math
 from fedtask.config import load_config
 from fedtask.data import load_tasks
 from fedtask.models import build_model, initial_private_state
+from fedtask.vectorized import engine_device, train_vectorized
 from strategies.sampling import sample_fixed
 
 
@@ -43,8 +44,6 @@ def steady_seconds(rows: list[dict]) -> float:
 
 
 def time_vectorized(config: dict) -> float:
-    from fedtask.vectorized import train_vectorized
-
     with tempfile.TemporaryDirectory() as tmp:
         outcome = train_vectorized(config, load_tasks(config), Path(tmp), None)
     return steady_seconds(outcome["rounds"])
@@ -96,16 +95,10 @@ def _pure_compute(config: dict, rounds: int) -> float:
     return steady_seconds(times)
 
 
-def engine_device(config: dict) -> torch.device:
-    """Where the vectorised engine runs (and so where the reference loop is timed too)."""
-    wanted = config["federation"]["device"]
-    return torch.device("cuda" if wanted != "cpu" and torch.cuda.is_available() else "cpu")
-
-
 def time_reference_loop(config: dict, rounds: int) -> float:
     """The paper's reference style: a centralised model, one forward pass per task, AdamW."""
     taskset = load_tasks(config)
-    device = engine_device(config)
+    device = engine_device(config)  # timed where the vectorised engine runs
     torch.manual_seed(config["seed"])
     model = build_model(config, taskset).to(device)
     heads = torch.nn.ModuleList(torch.nn.Linear(config["model"]["embedding_dim"], taskset.num_classes)
@@ -239,7 +232,7 @@ def run_bench(out_dir: Path, quick: bool = False) -> dict:
                           "torch_threads": torch.get_num_threads(),
                           "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
               "quick": quick, "num_tasks": num_tasks, "rounds": rounds, "in_process_rounds": fast_rounds, "repeats": repeats,
-              "vectorized_device": str(engine_device(bench_config(num_tasks, sizes[0], 1))), "engines": rows, "attack": attack}
+              "vectorized_device": str(engine_device(config)), "engines": rows, "attack": attack}
     (out_dir / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "bench.md").write_text(format_bench(report))
     print(format_bench(report), flush=True)

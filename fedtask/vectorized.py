@@ -33,13 +33,16 @@ def _stack(tensors: list[torch.Tensor], what: str) -> torch.Tensor:
     return torch.stack(tensors)
 
 
+def engine_device(config: dict) -> torch.device:
+    """One process: the GPU whenever there is one, unless ``federation.device`` says cpu."""
+    wanted = config["federation"]["device"]
+    return torch.device("cuda" if wanted != "cpu" and torch.cuda.is_available() else "cpu")
+
+
 def _in_passes(batched, chunk: int, private: dict, *tensors: torch.Tensor):
     """``batched(private, *tensors)`` over ``chunk`` tasks at a time, outputs joined on the task axis."""
-    heads = {name: value.split(chunk) for name, value in private.items()}
-    outputs = [batched({name: parts[i] for name, parts in heads.items()}, *(t[i * chunk:(i + 1) * chunk]
-                                                                             for t in tensors))
-               for i in range(math.ceil(len(tensors[0]) / chunk))]
-    return _join(outputs)
+    heads = [dict(zip(private, parts)) for parts in zip(*(value.split(chunk) for value in private.values()))]
+    return _join([batched(head, *rest) for head, *rest in zip(heads, *(t.split(chunk) for t in tensors))])
 
 
 def _join(outputs: list):
@@ -109,8 +112,7 @@ def _mean_gradient_round(model, shared: dict, private: dict, x: torch.Tensor, y:
 def train_vectorized(config: dict, taskset: TaskSet, out_dir: Path, progress=None) -> dict:
     """Train like the Flower engine does; return the same outcome dict."""
     fed, dp = config["federation"], config["dp"]
-    # one process: use the GPU whenever there is one, unless told not to
-    device = torch.device("cuda" if fed["device"] != "cpu" and torch.cuda.is_available() else "cpu")
+    device = engine_device(config)
     model = build_model(config, taskset).to(device)
     if not model.head_only:
         raise ConfigError("federation.engine: 'vectorized' supports linear heads only; use engine = 'flower' "
@@ -193,8 +195,8 @@ def evaluate_all(model, shared: dict, heads: dict, taskset: TaskSet, device, chu
     """Train and held-out accuracy of every IN task's head, ``chunk`` tasks (0: all) per batched pass."""
     chunk = chunk or len(taskset.in_tasks)
 
-    def task_accuracy(p: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = vmap(lambda p, xb: functional_call(model, {**shared, **p}, (xb,)))(p, x)
+    def task_accuracy(private: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = vmap(lambda p, xb: functional_call(model, {**shared, **p}, (xb,)))(private, x)
         return (logits.argmax(-1) == y).float().mean(dim=tuple(range(1, y.dim())))
 
     def accuracy(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
