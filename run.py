@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from datetime import datetime
 from pathlib import Path
 
 DEFAULT_CONFIG = "configs/synthetic.toml"
@@ -53,12 +52,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _out_dir(out: str | None, name: str) -> Path:
-    if out:
-        return Path(out)
-    return Path("outputs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
@@ -79,25 +72,35 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+TRACING_FLAGS = {"tasks": "--tasks", "dim": "--dim", "samples": "--samples", "k": "--k", "trials": "--trials",
+                 "task_std": "--task-std", "sample_std": "--sample-std", "seed": "--seed"}
+
+
+def _out_dir(out: str | None, name: str) -> Path:
+    from fedtask.rundir import default_out_dir
+
+    return Path(out) if out else default_out_dir(name)
+
+
 def _dispatch(args) -> int:
     from fedtask import pipeline
-    from fedtask.config import ConfigError, load_config
+    from fedtask.config import ConfigError, load_config, parameter_error
 
     if args.command in ("experiment", "train", "dp-sweep"):
         config = load_config(args.config, args.set)
         name = Path(args.config).stem + ("-dp-sweep" if args.command == "dp-sweep" else "")
         out = _out_dir(args.out, name)
         if args.command == "experiment":
-            pipeline.experiment(config, out)
+            pipeline.run_experiment(config, out)
         elif args.command == "train":
-            pipeline.train(config, out)
+            pipeline.run_training(config, out)
         else:
             from fedtask.sweep import dp_sweep, parse_epsilons
 
             dp_sweep(config, parse_epsilons(args.epsilons), out)
         return 0
     if args.command == "attack":
-        pipeline.attack(Path(args.run), args.set)
+        pipeline.run_attack(Path(args.run), args.set)
         return 0
     if args.command == "tracing":
         from attacks import format_tracing, write_tracing
@@ -108,7 +111,7 @@ def _dispatch(args) -> int:
                                    trials=args.trials, task_std=args.task_std, sample_std=args.sample_std,
                                    seed=args.seed)
         except ValueError as err:
-            raise ConfigError(str(err)) from None
+            raise parameter_error(err, TRACING_FLAGS) from None
         print(format_tracing(result))
         print(f"wrote {out / 'tracing.json'} and {out / 'tracing.png'}", file=sys.stderr)
         return 0

@@ -6,8 +6,9 @@ import time
 
 import numpy as np
 
-from .game import STATISTICS, challenge_scores
+from .game import challenge_scores
 from .metrics import auc_bootstrap_ci, roc_metrics
+from .statistics import STATISTICS
 
 
 def _one_pass(emb, task_index, n_in_tasks, trials, ks, n_boot, rng) -> dict:

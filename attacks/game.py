@@ -15,11 +15,9 @@ import numpy as np
 from .blas import on_one_blas_thread
 from .grouping import pad_by_task, valid_mask
 from .metrics import auc_bootstrap_ci, roc_metrics
-from .statistics import as_float_array, inner_product_from_gram, variance_from_gram
+from .statistics import STATISTICS, as_float_array
 from .whitening import DEFAULT_WHITEN_LAMBDA, whiten_padded
 
-STATISTICS = ("variance", "inner_product")
-GAMES = ("strong", "weak", "null_control")
 DEFAULT_BOOTSTRAP = 1000
 DEFAULT_BATCH_SIZE = 1024
 _CHUNK_ELEMENTS = 1 << 23  # bound on the elements of one batch of gathered challenge data
@@ -58,8 +56,8 @@ def draw_subsets(counts: np.ndarray, k: int, trials: int, rng: np.random.Generat
     replacement, uniformly (the order within a subset is irrelevant to the statistics).
     """
     counts = np.asarray(counts)
-    if not 1 <= k <= counts.min():
-        raise ValueError(f"k={k} must lie in [1, smallest pool size = {counts.min()}]")
+    if not 1 <= k <= counts.min():  # else padding slots would be drawn
+        raise ValueError(f"k must lie in [1, smallest count = {counts.min()}]; got {k}")
     max_n = int(counts.max())
     padding = ~valid_mask(counts, max_n)
     per_chunk = max(1, _CHUNK_ELEMENTS // (counts.size * max_n))
@@ -91,6 +89,15 @@ def _task_grams_if_small(padded: np.ndarray, k: int, trials: int) -> np.ndarray 
     return padded @ np.swapaxes(padded, -1, -2)
 
 
+def _check_k(k, counts: np.ndarray, n_in_tasks: int, k_name: str) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2:
+        raise ValueError(f"{k_name} must be an integer >= 2 (statistics need a pair); got {k!r}")
+    if k > counts.min():
+        smallest = int(np.argmin(counts))
+        side = "IN" if smallest < n_in_tasks else "OUT"
+        raise ValueError(f"{k_name} = {k} exceeds the smallest {side} pool ({counts[smallest]} samples)")
+
+
 @on_one_blas_thread
 def challenge_scores(
     emb,
@@ -102,40 +109,43 @@ def challenge_scores(
     whiten: bool = False,
     cosine: bool = False,
     whiten_lambda: float = DEFAULT_WHITEN_LAMBDA,
-    k_key: str = "k",
+    k_name: str = "k",
 ) -> dict[str, dict[str, np.ndarray]]:
-    """Score `trials` random k-subsets of every task: {statistic: {"in": (n_in, trials), "out": (n_out, trials)}}.
+    """Score `trials` random k-subsets of every task with every registered statistic.
 
+    Returns {statistic: {"in": (n_in, trials), "out": (n_out, trials)}} in `STATISTICS` order.
     Tasks 0..n_in_tasks-1 of `task_index` are IN, the rest OUT.  With `whiten`, each task's
-    embeddings first get its leave-one-task-out transform built from all the others.
-    `k_key` names k in error messages (e.g. "attack.k_strong").
+    embeddings first get its leave-one-task-out transform built from all the others.  `k_name`
+    is the caller's name for k in error messages (e.g. "k_strong").
     """
     emb = as_float_array(emb)
     padded, counts = pad_by_task(emb, task_index)
     if not 0 < n_in_tasks < counts.size:
-        raise ValueError(f"need at least one IN and one OUT task; got {n_in_tasks} IN of {counts.size}")
-    if k < 2:
-        raise ValueError(f"{k_key} must be at least 2 (statistics need a pair); got {k}")
-    if k > counts.min():
-        smallest = int(np.argmin(counts))
-        side = "IN" if smallest < n_in_tasks else "OUT"
-        raise ValueError(f"{k_key} = {k} exceeds the smallest {side} pool ({counts[smallest]} samples)")
+        raise ValueError(f"n_in_tasks must leave at least one IN and one OUT task; got {n_in_tasks} IN of {counts.size}")
+    _check_k(k, counts, n_in_tasks, k_name)
     if whiten:
         padded = whiten_padded(padded, counts, whiten_lambda, symmetric=False)  # same scores, faster
     slots = draw_subsets(counts, k, trials, rng)
-    # The variance statistic is shift invariant: centring each task first avoids cancellation.
-    task_means = padded.sum(axis=1) / counts[:, None]
-    centred = np.where(valid_mask(counts, padded.shape[1])[..., None], padded - task_means[:, None], 0.0)
-    raw_grams = _task_grams_if_small(padded, k, trials)
-    centred_grams = _task_grams_if_small(centred, k, trials)
+    statistics = list(STATISTICS.values())
+    bases = {}  # centred? -> (rows, their per-task Grams or None), only those some statistic needs
+    if any(s.centred for s in statistics):
+        # Shift-invariant statistics see task-centred rows: centring first avoids cancellation.
+        task_means = padded.sum(axis=1) / counts[:, None]
+        centred = np.where(valid_mask(counts, padded.shape[1])[..., None], padded - task_means[:, None], 0.0)
+        bases[True] = (centred, _task_grams_if_small(centred, k, trials))
+    if not all(s.centred for s in statistics):
+        bases[False] = (padded, _task_grams_if_small(padded, k, trials))
     d = padded.shape[-1]
     per_chunk = max(1, _CHUNK_ELEMENTS // (counts.size * k * max(k, d)))
-    variance, inner_product = [], []
+    parts = {s.name: [] for s in statistics}
     for first in range(0, trials, per_chunk):
         chunk = slots[first : first + per_chunk]
-        variance.append(variance_from_gram(challenge_grams(centred, chunk, centred_grams), d))
-        inner_product.append(inner_product_from_gram(challenge_grams(padded, chunk, raw_grams), cosine))
-    scores = {"variance": np.concatenate(variance).T, "inner_product": np.concatenate(inner_product).T}
+        for is_centred, (rows, task_grams) in bases.items():
+            grams = challenge_grams(rows, chunk, task_grams)
+            for s in statistics:
+                if s.centred == is_centred:
+                    parts[s.name].append(s.from_gram(grams, d=d, cosine=cosine))
+    scores = {name: np.concatenate(p).T for name, p in parts.items()}
     return {name: {"in": s[:n_in_tasks], "out": s[n_in_tasks:]} for name, s in scores.items()}
 
 
@@ -154,92 +164,82 @@ def game_metrics(scores_in: np.ndarray, scores_out: np.ndarray, k: int, n_boot: 
     }
 
 
-def _positive_int(cfg: dict, key: str, minimum: int = 1) -> int:
-    value = cfg.get(key)
+def _check_int(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"attack.{key} must be an integer >= {minimum}; got {value!r}")
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
     return int(value)
 
 
-def _flag(cfg: dict, key: str, default: bool = False) -> bool:
-    value = cfg.get(key, default)
+def _check_flag(name: str, value) -> bool:
     if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"attack.{key} must be true or false; got {value!r}")
+        raise ValueError(f"{name} must be True or False; got {value!r}")
     return bool(value)
 
 
-def validate_attack_config(attack_cfg: dict, pool_sizes: dict | None = None) -> dict:
-    """Check the attack section and fill defaults; raise ValueError naming the bad key.
-
-    `pool_sizes` optionally maps "strong" / "weak" to the smallest pool size of that game, so
-    an impossible k is caught before any training or embedding work.
-    """
-    cfg = {
-        "trials": _positive_int(attack_cfg, "trials"),
-        "k_strong": _positive_int(attack_cfg, "k_strong", 2),
-        "k_weak": _positive_int(attack_cfg, "k_weak", 2),
-        "whiten": _flag(attack_cfg, "whiten"),
-        "cosine": _flag(attack_cfg, "cosine"),
-        "whiten_lambda": attack_cfg.get("whiten_lambda", DEFAULT_WHITEN_LAMBDA),
-        "bootstrap": _positive_int({"bootstrap": DEFAULT_BOOTSTRAP, **attack_cfg}, "bootstrap"),
-        "batch_size": _positive_int({"batch_size": DEFAULT_BATCH_SIZE, **attack_cfg}, "batch_size"),
-    }
-    lam = cfg["whiten_lambda"]
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not np.isfinite(lam) or lam < 0:
-        raise ValueError(f"attack.whiten_lambda must be a finite number >= 0; got {lam!r}")
-    cfg["whiten_lambda"] = float(lam)
-    for game, size in (pool_sizes or {}).items():
-        key = f"k_{game}"
-        if cfg[key] > size:
-            raise ValueError(f"attack.{key} = {cfg[key]} exceeds the smallest {game} pool ({size} samples per task)")
-    return cfg
-
-
-def _smallest_pool(in_pools, out_pools) -> int:
-    return int(min(len(p) for p in [*in_pools, *out_pools]))
-
-
-def run_security_games(oracle: Callable, null_oracle: Callable, pools: dict, attack_cfg: dict, seed: int, progress=print):
-    """Play the strong, weak and null-control games with both statistics.
+def run_security_games(
+    oracle: Callable,
+    null_oracle: Callable,
+    pools: dict,
+    *,
+    trials: int,
+    k_strong: int,
+    k_weak: int,
+    seed: int,
+    whiten: bool = False,
+    cosine: bool = False,
+    whiten_lambda: float = DEFAULT_WHITEN_LAMBDA,
+    bootstrap: int = DEFAULT_BOOTSTRAP,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: Callable[[str], object] = print,
+):
+    """Play the strong, weak and null-control games with every registered statistic.
 
     pools = {"strong": (in_pools, out_pools), "weak": (in_pools, out_pools)}: strong IN pools
     hold training samples, weak IN pools held-out ones.  null_control replays the strong game,
     with the very same subsets, against `null_oracle` (the untrained encoder).  Each game
     whitens with its own pooled IN and OUT embeddings.  Returns (results, raw_scores):
     results[statistic][game] is CONTRACT §4 METRICS, raw_scores[statistic][game] = {"in", "out"}.
+    ValueError messages start with the offending parameter's name (k is checked per game by
+    `challenge_scores`, against the pools).
     """
-    cfg = validate_attack_config(attack_cfg, {g: _smallest_pool(*pools[g]) for g in ("strong", "weak")})
+    trials = _check_int("trials", trials)
+    bootstrap = _check_int("bootstrap", bootstrap)
+    batch_size = _check_int("batch_size", batch_size)
+    whiten, cosine = _check_flag("whiten", whiten), _check_flag("cosine", cosine)
+    if (isinstance(whiten_lambda, bool) or not isinstance(whiten_lambda, (int, float, np.integer, np.floating))
+            or not np.isfinite(whiten_lambda) or whiten_lambda < 0):
+        raise ValueError(f"whiten_lambda must be a finite number >= 0; got {whiten_lambda!r}")
+    whiten_lambda = float(whiten_lambda)
     subset_seed_strong, subset_seed_weak, bootstrap_seed = np.random.SeedSequence(seed).spawn(3)
     bootstrap_rng = np.random.default_rng(bootstrap_seed)
     plan = {
-        "strong": (oracle, pools["strong"], cfg["k_strong"], "attack.k_strong", subset_seed_strong),
-        "weak": (oracle, pools["weak"], cfg["k_weak"], "attack.k_weak", subset_seed_weak),
-        "null_control": (null_oracle, pools["strong"], cfg["k_strong"], "attack.k_strong", subset_seed_strong),
+        "strong": (oracle, pools["strong"], k_strong, "k_strong", subset_seed_strong),
+        "weak": (oracle, pools["weak"], k_weak, "k_weak", subset_seed_weak),
+        "null_control": (null_oracle, pools["strong"], k_strong, "k_strong", subset_seed_strong),
     }
     embedded = {}  # (oracle, pool list) -> embeddings, so shared OUT pools are queried once
 
     def embed(query, pool_list):
         key = (id(query), tuple(id(p) for p in pool_list))
         if key not in embedded:
-            embedded[key] = embed_pools(query, pool_list, cfg["batch_size"])[0]
+            embedded[key] = embed_pools(query, pool_list, batch_size)[0]
         return embedded[key]
 
-    results = {name: {} for name in STATISTICS}
-    raw_scores = {name: {} for name in STATISTICS}
-    for game, (query, (in_pools, out_pools), k, k_key, subset_seed) in plan.items():
+    results, raw_scores = {}, {}
+    for game, (query, (in_pools, out_pools), k, k_name, subset_seed) in plan.items():
         started = time.perf_counter()
         emb = np.concatenate((embed(query, in_pools), embed(query, out_pools)))
         sizes = [len(p) for p in [*in_pools, *out_pools]]
         scores = challenge_scores(
-            emb, np.repeat(np.arange(len(sizes)), sizes), len(in_pools), k, cfg["trials"],
-            np.random.default_rng(subset_seed), cfg["whiten"], cfg["cosine"], cfg["whiten_lambda"], k_key,
+            emb, np.repeat(np.arange(len(sizes)), sizes), len(in_pools), k, trials,
+            np.random.default_rng(subset_seed), whiten, cosine, whiten_lambda, k_name,
         )
-        for name in STATISTICS:
-            raw_scores[name][game] = scores[name]
-            results[name][game] = game_metrics(scores[name]["in"], scores[name]["out"], k, cfg["bootstrap"], bootstrap_rng)
-        aucs = ", ".join(f"{name} AUC {results[name][game]['auc']:.3f}" for name in STATISTICS)
+        for name, sides in scores.items():
+            raw_scores.setdefault(name, {})[game] = sides
+            results.setdefault(name, {})[game] = game_metrics(sides["in"], sides["out"], k, bootstrap, bootstrap_rng)
+        aucs = ", ".join(f"{name} AUC {results[name][game]['auc']:.3f}" for name in scores)
         progress(
-            f"attack {game:>12}: {len(in_pools)} IN + {len(out_pools)} OUT tasks x {cfg['trials']} trials, "
+            f"attack {game:>12}: {len(in_pools)} IN + {len(out_pools)} OUT tasks x {trials} trials, "
             f"k={k}: {aucs} ({time.perf_counter() - started:.1f} s)"
         )
     return results, raw_scores

@@ -16,8 +16,10 @@ def pad_by_task(emb: np.ndarray, task_index: np.ndarray, num_tasks: int | None =
     """
     emb = np.asarray(emb)
     task_index = np.asarray(task_index, dtype=np.int64)
-    if emb.ndim != 2 or task_index.shape != (emb.shape[0],):
-        raise ValueError(f"need emb (N, d) and task_index (N,); got {emb.shape} and {task_index.shape}")
+    if emb.ndim != 2:
+        raise ValueError(f"emb must have shape (N, d); got {emb.shape}")
+    if task_index.shape != (emb.shape[0],):
+        raise ValueError(f"task_index must have shape ({emb.shape[0]},) to match emb; got {task_index.shape}")
     if task_index.size and task_index.min() < 0:
         raise ValueError("task_index must be non-negative")
     num_tasks = int(task_index.max()) + 1 if num_tasks is None else num_tasks

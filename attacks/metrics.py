@@ -53,7 +53,7 @@ def threshold_at_fpr(scores_out: np.ndarray, alpha: str | float) -> float:
     """
     alpha_exact = Fraction(str(alpha))
     if not 0 <= alpha_exact < 1:
-        raise ValueError(f"FPR level must lie in [0, 1); got {alpha}")
+        raise ValueError(f"alpha must lie in [0, 1); got {alpha}")
     rank_from_top = int(alpha_exact * scores_out.size)  # floor, exactly
     return float(np.sort(scores_out)[scores_out.size - 1 - rank_from_top])
 
@@ -114,8 +114,9 @@ def task_pair_u_matrix(scores_in, scores_out) -> np.ndarray:
     """
     x_tasks = np.asarray(scores_in, dtype=np.float64)
     y_tasks = np.asarray(scores_out, dtype=np.float64)
-    if x_tasks.ndim != 2 or y_tasks.ndim != 2:
-        raise ValueError("scores_in and scores_out must be (tasks, trials) arrays")
+    for name, array in (("scores_in", x_tasks), ("scores_out", y_tasks)):
+        if array.ndim != 2:
+            raise ValueError(f"{name} must be a (tasks, trials) array; got shape {array.shape}")
     (n_in_tasks, trials_in), (n_out_tasks, trials_out) = x_tasks.shape, y_tasks.shape
     in_part = (x_tasks.ravel(), np.ones(x_tasks.size, bool), np.arange(x_tasks.size) // trials_in)
     out_part = (y_tasks.ravel(), np.zeros(y_tasks.size, bool), np.arange(y_tasks.size) // trials_out)
@@ -159,7 +160,7 @@ def auc_bootstrap_ci(scores_in, scores_out, n_boot: int = 1000, rng=None) -> lis
     scores_in (n_in_tasks, trials), scores_out (n_out_tasks, trials): rows are tasks.
     """
     if n_boot < 1:
-        raise ValueError(f"bootstrap needs at least one resample; got {n_boot}")
+        raise ValueError(f"n_boot must be >= 1 (bootstrap resamples); got {n_boot}")
     rng = np.random.default_rng(rng)
     u_matrix = task_pair_u_matrix(scores_in, scores_out)
     aucs = bootstrap_aucs(u_matrix, np.shape(scores_in)[1], np.shape(scores_out)[1], n_boot, rng)

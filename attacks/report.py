@@ -9,20 +9,17 @@ from pathlib import Path
 import numpy as np
 
 from .metrics import FPR_LEVELS, PERCENTILES, roc_curve_points
+from .statistics import STATISTICS
 
-STATISTIC_TITLES = {"variance": "Coordinate-wise variance attack", "inner_product": "Pairwise inner-product attack"}
 GAME_LABELS = {"strong": "Strong", "weak": "Weak", "null_control": "Null control (untrained encoder)"}
-_CONFIG_SUMMARY_KEYS = ("data.name", "data.setting", "data.num_in_tasks", "data.num_out_tasks", "model.encoder",
-                        "model.embedding_dim", "federation.rounds", "federation.engine", "attack.whiten", "attack.cosine")
+_CONFIG_SUMMARY = {"data": ("name", "setting", "num_in_tasks", "num_out_tasks"), "model": ("encoder", "embedding_dim"),
+                   "federation": ("rounds", "engine"), "attack": ("whiten", "cosine")}
 
 
-def _dotted(config: dict, key: str):
-    node = config
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
+def _title(statistic: str) -> str:
+    """Registered title; a results file may name a statistic this version no longer registers."""
+    registered = STATISTICS.get(statistic)
+    return registered.title if registered is not None else statistic
 
 
 def _percent(value) -> str:
@@ -37,7 +34,8 @@ def _number(value, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
-def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header, rows) -> str:
+    """A GitHub Markdown table with padded columns, so it also reads well on a terminal."""
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
     def line(cells):
         return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
@@ -48,14 +46,14 @@ def _utility_table(utility: dict) -> str:
     columns = [("IN-task accuracy (held-out)", "in_task_accuracy"), ("IN-task accuracy (train)", "in_task_train_accuracy"),
                ("majority-label baseline", "majority_baseline_accuracy"), ("OUT-task accuracy", "out_task_accuracy")]
     shown = [(label, key) for label, key in columns if key in utility or key in ("in_task_accuracy", "out_task_accuracy")]
-    return _markdown_table([label for label, _ in shown], [[_percent(utility.get(key)) for _, key in shown]])
+    return markdown_table([label for label, _ in shown], [[_percent(utility.get(key)) for _, key in shown]])
 
 
 def _privacy_table(privacy: dict) -> str:
     if not privacy.get("enabled"):
         return "Task-level DP: off (epsilon = infinity)."
     fields = ("epsilon", "delta", "noise_multiplier", "clipping_norm", "sampling_rate", "rounds", "accountant")
-    return _markdown_table(["task-level DP", *fields], [["on", *(_number(privacy.get(f)) for f in fields)]])
+    return markdown_table(["task-level DP", *fields], [["on", *(_number(privacy.get(f)) for f in fields)]])
 
 
 def _attack_tables(statistic: str, games: dict) -> str:
@@ -69,7 +67,7 @@ def _attack_tables(statistic: str, games: dict) -> str:
                              *(_percent(m["tpr_at_fpr"][level]) for level in FPR_LEVELS),
                              str(m.get("k", "")), str(m.get("trials", "")),
                              f"{m.get('num_in_tasks', '')} / {m.get('num_out_tasks', '')}"])
-    summary = _markdown_table(
+    summary = markdown_table(
         ["access", "AUC [95% CI]", *(f"TPR @ {float(level) * 100:g}% FPR" for level in FPR_LEVELS), "k", "trials",
          "IN / OUT tasks"], summary_rows)
     percentile_rows = []
@@ -80,8 +78,8 @@ def _attack_tables(statistic: str, games: dict) -> str:
             cells += [f"({_percent(p['tpr'])}, {_percent(p['fpr'])})", _percent(p["balanced_accuracy"])]
         percentile_rows.append(cells)
     header = ["access"] + [h for q in PERCENTILES for h in (f"{q}th pct (TPR, FPR)", "Acc.")]
-    percentiles = _markdown_table(header, percentile_rows)
-    title = STATISTIC_TITLES.get(statistic, statistic)
+    percentiles = markdown_table(header, percentile_rows)
+    title = _title(statistic)
     return (f"### {title}\n\n{summary}\n\n"
             f"Black-box percentile thresholds (IN when the statistic exceeds the percentile of all scores):\n\n"
             f"{percentiles}")
@@ -101,7 +99,8 @@ def format_tables(results: dict) -> str:
 
 
 def _configuration_line(config: dict) -> str:
-    items = [(key, _dotted(config, key)) for key in _CONFIG_SUMMARY_KEYS]
+    sections = {name: config.get(name) if isinstance(config.get(name), dict) else {} for name in _CONFIG_SUMMARY}
+    items = [(f"{name}.{key}", sections[name].get(key)) for name, keys in _CONFIG_SUMMARY.items() for key in keys]
     return ", ".join(f"`{key}` = {value}" for key, value in items if value is not None)
 
 
@@ -133,7 +132,7 @@ def plot_roc(results: dict, raw_scores: dict, path) -> None:
         grid = np.logspace(np.log10(smallest_fpr), 0, 100)
         ax.plot(grid, grid, color="0.7", lw=1, ls=":", label="chance")
         ax.set(xscale="log", yscale="log", xlim=(smallest_fpr, 1), ylim=(smallest_fpr, 1.05),
-               xlabel="false positive rate", ylabel="true positive rate", title=STATISTIC_TITLES.get(statistic, statistic))
+               xlabel="false positive rate", ylabel="true positive rate", title=_title(statistic))
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
     fig.suptitle("Task-inference ROC")
@@ -157,7 +156,7 @@ def plot_histograms(raw_scores: dict, path) -> None:
             bins = np.linspace(low, high if high > low else low + 1.0, 60)
             ax.hist(scores_out, bins=bins, density=True, alpha=0.55, color="tab:blue", label="OUT")
             ax.hist(scores_in, bins=bins, density=True, alpha=0.55, color="tab:red", label="IN")
-            ax.set(title=f"{STATISTIC_TITLES.get(statistic, statistic)}, {game}", xlabel=f"{statistic} statistic",
+            ax.set(title=f"{_title(statistic)}, {game}", xlabel=f"{statistic} statistic",
                    ylabel="density")
             ax.legend(fontsize=8)
     fig.savefig(path, dpi=120)

@@ -16,26 +16,25 @@ from pathlib import Path
 import numpy as np
 
 from .metrics import mann_whitney_auc
+from .report import markdown_table
 
 ADVERSARIES = ("strong", "weak")
-_FLAGS = {"tasks": "--tasks", "dim": "--dim", "samples": "--samples", "k": "--k", "trials": "--trials",
-          "task_std": "--task-std", "sample_std": "--sample-std", "seed": "--seed"}
 _RELEASE_BATCH_ELEMENTS = 1 << 23  # samples x dims simulated at once
 
 
-def validate_tracing_params(tasks, dim, samples, k, trials, task_std, sample_std, seed) -> dict:
-    """Return the parameters as a dict, or raise ValueError naming the offending flag."""
+def validate_tracing_params(*, tasks, dim, samples, k, trials, task_std, sample_std, seed) -> dict:
+    """Return the parameters as a dict, or raise ValueError whose message starts with the parameter's name."""
     params = dict(tasks=tasks, dim=dim, samples=samples, k=k, trials=trials, seed=seed)
     for name, value in params.items():
         minimum = 0 if name == "seed" else 1
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-            raise ValueError(f"{_FLAGS[name]} must be an integer >= {minimum}; got {value!r}")
+            raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
     if k > samples:
-        raise ValueError(f"--k ({k}) must not exceed --samples ({samples}): the strong adversary draws k of a task's samples")
+        raise ValueError(f"k must not exceed samples ({k} > {samples}): the strong adversary draws k of a task's samples")
     for name, value, minimum in (("task_std", task_std, "> 0"), ("sample_std", sample_std, ">= 0")):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         if not ok or value < 0 or (value == 0 and minimum == "> 0"):
-            raise ValueError(f"{_FLAGS[name]} must be a finite number {minimum}; got {value!r}")
+            raise ValueError(f"{name} must be a finite number {minimum}; got {value!r}")
     return {**{n: int(v) for n, v in params.items()}, "task_std": float(task_std), "sample_std": float(sample_std)}
 
 
@@ -110,9 +109,10 @@ def summarise_tracing(params: dict, z: dict) -> dict:
     return result
 
 
-def run_tracing(tasks=256, dim=256, samples=8, k=4, trials=4000, task_std=1.0, sample_std=1.0, seed=0) -> dict:
+def run_tracing(*, tasks=256, dim=256, samples=8, k=4, trials=4000, task_std=1.0, sample_std=1.0, seed=0) -> dict:
     """Simulate the tracing game for both adversaries; return the CONTRACT §6 dictionary."""
-    params = validate_tracing_params(tasks, dim, samples, k, trials, task_std, sample_std, seed)
+    params = validate_tracing_params(tasks=tasks, dim=dim, samples=samples, k=k, trials=trials, task_std=task_std,
+                                     sample_std=sample_std, seed=seed)
     return summarise_tracing(params, simulate_tracing(params))
 
 
@@ -143,9 +143,11 @@ def plot_tracing(result: dict, z: dict, path) -> None:
     plt.close(fig)
 
 
-def write_tracing(out_dir, tasks=256, dim=256, samples=8, k=4, trials=4000, task_std=1.0, sample_std=1.0, seed=0) -> dict:
+def write_tracing(out_dir, *, tasks=256, dim=256, samples=8, k=4, trials=4000, task_std=1.0, sample_std=1.0,
+                  seed=0) -> dict:
     """Run the analog and write tracing.json and tracing.png into `out_dir`; return the dict."""
-    params = validate_tracing_params(tasks, dim, samples, k, trials, task_std, sample_std, seed)
+    params = validate_tracing_params(tasks=tasks, dim=dim, samples=samples, k=k, trials=trials, task_std=task_std,
+                                     sample_std=sample_std, seed=seed)
     z = simulate_tracing(params)
     result = summarise_tracing(params, z)
     out_dir = Path(out_dir)
@@ -156,15 +158,14 @@ def write_tracing(out_dir, tasks=256, dim=256, samples=8, k=4, trials=4000, task
 
 
 def format_tracing(result: dict) -> str:
-    """Terminal table: empirical statistics beside the closed forms of Theorems 4.1-4.3."""
+    """Markdown table: empirical statistics beside the closed forms of Theorems 4.1-4.3."""
     p = result["params"]
     header = (f"tracing analog: T={p['tasks']} tasks, d={p['dim']}, N={p['samples']} samples/task, k={p['k']}, "
               f"{p['trials']} trials, task_std={p['task_std']:g}, sample_std={p['sample_std']:g}")
-    rows = [("adversary", "E[z_in]", "theory", "E[z_out]", "theory", "Var(z_out)", "theory", "Var(z_in)", "AUC")]
+    columns = ["adversary", "E[z_in]", "theory", "E[z_out]", "theory", "Var(z_out)", "theory", "Var(z_in)", "AUC"]
+    rows = []
     for adversary in ADVERSARIES:
         r = result[adversary]
-        rows.append((adversary, f"{r['in_mean']:.4f}", f"{r['theory_in_mean']:.4f}", f"{r['out_mean']:.4f}", "0",
-                     f"{r['out_var']:.4f}", f"{r['theory_out_var']:.4f}", f"{r['in_var']:.4f}", f"{r['auc']:.3f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
-    return "\n".join([header, *lines])
+        rows.append([adversary, f"{r['in_mean']:.4f}", f"{r['theory_in_mean']:.4f}", f"{r['out_mean']:.4f}", "0",
+                     f"{r['out_var']:.4f}", f"{r['theory_out_var']:.4f}", f"{r['in_var']:.4f}", f"{r['auc']:.3f}"])
+    return f"{header}\n\n{markdown_table(columns, rows)}"

@@ -28,7 +28,7 @@ def leave_one_task_out_moments(padded: np.ndarray, counts: np.ndarray):
     counts = np.asarray(counts, dtype=np.int64)
     others = counts.sum() - counts
     if np.any(others < 2):
-        raise ValueError("whitening needs at least 2 embeddings outside every task")
+        raise ValueError("counts must leave at least 2 embeddings outside every task (whitening estimates a covariance)")
     mask = valid_mask(counts, padded.shape[1])[..., None]
     centre = padded.sum(axis=(0, 1)) / counts.sum()
     centred = np.where(mask, padded - centre, 0.0)
@@ -44,7 +44,7 @@ def leave_one_task_out_moments(padded: np.ndarray, counts: np.ndarray):
 def _regularised(cov: np.ndarray, lam: float) -> np.ndarray:
     """Q + lam * tr(Q)/d * I for a batch of covariances (..., d, d)."""
     if lam < 0:
-        raise ValueError(f"whitening lambda must be >= 0; got {lam}")
+        raise ValueError(f"lam (the whitening ridge) must be >= 0; got {lam}")
     d = cov.shape[-1]
     ridge = lam * np.trace(cov, axis1=-2, axis2=-1) / d
     return cov + ridge[..., None, None] * np.eye(d)

@@ -25,10 +25,12 @@ from pathlib import Path
 import torch
 
 from fedtask import task as task_math
-from fedtask.config import load_config
+from fedtask import rundir
+from fedtask.config import from_dict, load_config, with_overrides
 from fedtask.data import load_tasks
 from fedtask.models import build_model, initial_private_state
-from fedtask.vectorized import engine_device, train_vectorized
+from fedtask.pipeline import run_training
+from fedtask.vectorized import engine_device
 from strategies.sampling import sample_fixed
 
 
@@ -43,74 +45,77 @@ def steady_seconds(rows: list[dict]) -> float:
     return statistics.median(row["seconds"] for row in rows[1:]) if len(rows) > 1 else rows[0]["seconds"]
 
 
-def time_vectorized(config: dict) -> float:
+def time_engine(config, engine: str) -> float:
+    """Seconds per round of a whole training run (``run_training``) on ``engine``."""
     with tempfile.TemporaryDirectory() as tmp:
-        outcome = train_vectorized(config, load_tasks(config), Path(tmp), None)
-    return steady_seconds(outcome["rounds"])
+        out = Path(tmp) / "run"
+        run_training(with_overrides(config, {"federation.engine": engine}), out, on_round=None)
+        rows = json.loads((out / rundir.METRICS).read_text())["rounds"]
+    return steady_seconds(rows)
 
 
-def time_flower(config: dict) -> float:
-    from fedtask.simulation import simulate
-
-    with tempfile.TemporaryDirectory() as tmp:
-        outcome = simulate(config, Path(tmp), None)
-    return steady_seconds(outcome["rounds"])
+def time_vectorized(config) -> float:
+    return time_engine(config, "vectorized")
 
 
-def time_pure_compute(config: dict, rounds: int) -> float:
+def time_flower(config) -> float:
+    return time_engine(config, "flower")
+
+
+def time_pure_compute(config, rounds: int) -> float:
     """The same per-task calls as the Flower clients make, one after another, in this process.
 
     Single-threaded, as each Flower client runs (``num_cpus_per_client`` = 1).
     """
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(config["federation"]["num_cpus_per_client"])))
+    torch.set_num_threads(max(1, int(config.federation.num_cpus_per_client)))
     try:
         return _pure_compute(config, rounds)
     finally:
         torch.set_num_threads(threads)
 
 
-def parallel_clients(config: dict) -> int:
+def parallel_clients(config) -> int:
     """How many Flower clients run at once on this machine (Ray packs them by CPU)."""
-    return max(1, int((os.cpu_count() or 1) // config["federation"]["num_cpus_per_client"]))
+    return max(1, int((os.cpu_count() or 1) // config.federation.num_cpus_per_client))
 
 
-def _pure_compute(config: dict, rounds: int) -> float:
+def _pure_compute(config, rounds: int) -> float:
     taskset = load_tasks(config)
-    model = build_model(config, taskset)
+    model = build_model(config, taskset.spec)
     shared = model.shared_state()
     trainable = model.shared_parameter_names()
-    fed = config["federation"]
+    fed = config.federation
     heads = {}
     times = []
     for server_round in range(1, rounds + 1):
         started = time.perf_counter()
-        for pid in sample_fixed(len(taskset.in_tasks), fed["tasks_per_round"], config["seed"], server_round):
+        for pid in sample_fixed(len(taskset.in_tasks), fed.tasks_per_round, config.seed, server_round):
             task = taskset.in_tasks[pid]
-            private = heads.get(pid) or initial_private_state(model, pid, config["seed"])
+            private = heads.get(pid) or initial_private_state(model, pid, config.seed)
             heads[pid], _, _ = task_math.local_round(model, shared, private, task.train_x, task.train_y,
-                                                     fed["head_lr"], fed["head_weight_decay"], fed["head_steps"],
+                                                     fed.head_lr, fed.head_weight_decay, fed.head_steps,
                                                      False, trainable)
         times.append({"seconds": time.perf_counter() - started})
     return steady_seconds(times)
 
 
-def time_reference_loop(config: dict, rounds: int) -> float:
+def time_reference_loop(config, rounds: int) -> float:
     """The paper's reference style: a centralised model, one forward pass per task, AdamW."""
     taskset = load_tasks(config)
     device = engine_device(config)  # timed where the vectorised engine runs
-    torch.manual_seed(config["seed"])
-    model = build_model(config, taskset).to(device)
-    heads = torch.nn.ModuleList(torch.nn.Linear(config["model"]["embedding_dim"], taskset.num_classes)
+    torch.manual_seed(config.seed)
+    model = build_model(config, taskset.spec).to(device)
+    heads = torch.nn.ModuleList(torch.nn.Linear(config.model.embedding_dim, taskset.num_classes)
                                 for _ in taskset.in_tasks).to(device)
     data = [(task.train_x.to(device), task.train_y.to(device)) for task in taskset.in_tasks]
     encoder_opt = torch.optim.AdamW(model.encoder.parameters(), lr=1e-3, weight_decay=1e-4)
     head_opt = torch.optim.AdamW(heads.parameters(), lr=1e-3, weight_decay=1e-3)
-    fed = config["federation"]
+    fed = config.federation
     times = []
     for server_round in range(1, rounds + 1):
         started = time.perf_counter()
-        sampled = sample_fixed(len(taskset.in_tasks), fed["tasks_per_round"], config["seed"], server_round)
+        sampled = sample_fixed(len(taskset.in_tasks), fed.tasks_per_round, config.seed, server_round)
         loss = 0.0
         for pid in sampled:
             x, y = data[pid]
@@ -126,7 +131,7 @@ def time_reference_loop(config: dict, rounds: int) -> float:
     return steady_seconds(times)
 
 
-def time_minimal_flower(config: dict, rounds: int) -> float:
+def time_minimal_flower(config, rounds: int) -> float:
     """A bare Flower app doing the same per-task work: the framework's own floor."""
     from flwr.app import ArrayRecord, Context, Message, RecordDict
     from flwr.clientapp import ClientApp
@@ -135,52 +140,51 @@ def time_minimal_flower(config: dict, rounds: int) -> float:
 
     from fedtask.simulation import backend_config
 
-    config_json = json.dumps(config, sort_keys=True)
+    config_json = json.dumps(config.to_dict(), sort_keys=True)
     times: list[dict] = []
     client = ClientApp()
 
     @client.train()
     def train(msg: Message, context: Context) -> Message:
         runtime = _minimal_runtime(config_json)
-        model, taskset, trainable = runtime
+        model, taskset, trainable, fed = runtime
         pid = int(context.node_config["partition-id"])
         task = taskset.in_tasks[pid]
         shared = msg.content["arrays"].to_torch_state_dict()
         private = initial_private_state(model, pid, 0)
-        fed = json.loads(config_json)["federation"]
-        _, grads, _ = task_math.local_round(model, shared, private, task.train_x, task.train_y, fed["head_lr"],
-                                            fed["head_weight_decay"], fed["head_steps"], False, trainable)
+        _, grads, _ = task_math.local_round(model, shared, private, task.train_x, task.train_y, fed.head_lr,
+                                            fed.head_weight_decay, fed.head_steps, False, trainable)
         return Message(RecordDict({"arrays": ArrayRecord(torch_state_dict=grads)}), reply_to=msg)
 
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        model, _, _ = _minimal_runtime(config_json)
+        model, _, _, _ = _minimal_runtime(config_json)
         arrays = ArrayRecord(torch_state_dict=model.shared_state())
-        while len(nodes := list(grid.get_node_ids())) < config["data"]["num_in_tasks"]:
+        while len(nodes := list(grid.get_node_ids())) < config.data.num_in_tasks:
             time.sleep(0.1)
         rng = random.Random(0)  # node ids are uint64: sample them as Python ints
         for _ in range(rounds):
             started = time.perf_counter()
-            chosen = rng.sample(nodes, config["federation"]["tasks_per_round"])
+            chosen = rng.sample(nodes, config.federation.tasks_per_round)
             replies = grid.send_and_receive([Message(RecordDict({"arrays": arrays}), message_type="train",
                                                      dst_node_id=int(node)) for node in chosen])
             _ = [r.content["arrays"].to_numpy_ndarrays() for r in replies]
             times.append({"seconds": time.perf_counter() - started})
 
-    run_simulation(server_app=server, client_app=client, num_supernodes=config["data"]["num_in_tasks"],
+    run_simulation(server_app=server, client_app=client, num_supernodes=config.data.num_in_tasks,
                    backend_config=backend_config(config))
     return steady_seconds(times)
 
 
 @functools.lru_cache(maxsize=1)
 def _minimal_runtime(config_json: str):
-    config = json.loads(config_json)
+    config = from_dict(json.loads(config_json), check=False)
     torch.set_num_threads(1)
     taskset = load_tasks(config)
-    model = build_model(config, taskset)
-    return model, taskset, model.shared_parameter_names()
+    model = build_model(config, taskset.spec)
+    return model, taskset, model.shared_parameter_names(), config.federation
 
 
 def run_bench(out_dir: Path, quick: bool = False) -> dict:
@@ -240,25 +244,26 @@ def run_bench(out_dir: Path, quick: bool = False) -> dict:
 
 
 def format_bench(report: dict) -> str:
-    lines = [f"# fedtask bench ({report['machine']['cpus']} CPUs, CUDA: {report['machine']['cuda'] or 'none'})", "",
+    from attacks import markdown_table
+
+    engines = markdown_table(
+        ["tasks/round", "vectorized", "Flower", "minimal Flower app", "pure compute (same calls, 1 thread, 1 process)",
+         "reference loop", "Flower overhead / client-round", "minimal app overhead / client-round",
+         "vectorized vs Flower", "vectorized vs reference"],
+        [[r["tasks_per_round"], f"{r['vectorized_s']:.4f}", f"{r['flower_s']:.3f}", f"{r['minimal_flower_s']:.3f}",
+          f"{r['pure_compute_s']:.4f}", f"{r['reference_loop_s']:.4f}", f"{r['flower_overhead_per_client_ms']:.1f} ms",
+          f"{r['minimal_flower_overhead_per_client_ms']:.1f} ms", f"{r['speedup_vs_flower']:.1f}x",
+          f"{r['speedup_vs_reference_loop']:.1f}x"] for r in report["engines"]])
+    a = report["attack"]
+    attack = markdown_table(
+        ["scoring", "metrics", "bootstrap CI", "total", "total without bootstrap", "task-trials / s"],
+        [[f"{a['scores_s']:.3f} s", f"{a['metrics_s']:.3f} s", f"{a['bootstrap_s']:.3f} s", f"{a['total_s']:.3f} s",
+          f"{a['total_without_bootstrap_s']:.3f} s", f"{a['task_trials_per_s']:,.0f}"]])
+    intro = (f"# fedtask bench ({report['machine']['cpus']} CPUs, CUDA: {report['machine']['cuda'] or 'none'})\n\n"
              f"Seconds per round (median after the first round; for the two in-process engines, the median of "
              f"{report.get('repeats', 1)} alternating runs), synthetic config, {report['num_tasks']} tasks; "
              f"vectorized engine and reference loop on {report.get('vectorized_device', 'cpu')}, "
              "Flower clients on CPU. Flower overhead per client-round = (Flower round - pure compute / clients "
-             "running in parallel) / tasks per round.", "",
-             "| tasks/round | vectorized | Flower | minimal Flower app | pure compute (same calls, 1 thread, 1 process) "
-             "| reference loop | Flower overhead / client-round | minimal app overhead / client-round "
-             "| vectorized vs Flower | vectorized vs reference |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in report["engines"]:
-        lines.append(f"| {r['tasks_per_round']} | {r['vectorized_s']:.4f} | {r['flower_s']:.3f} | "
-                     f"{r['minimal_flower_s']:.3f} | {r['pure_compute_s']:.4f} | {r['reference_loop_s']:.4f} | "
-                     f"{r['flower_overhead_per_client_ms']:.1f} ms | {r['minimal_flower_overhead_per_client_ms']:.1f} ms"
-                     f" | {r['speedup_vs_flower']:.1f}x | {r['speedup_vs_reference_loop']:.1f}x |")
-    a = report["attack"]
-    lines += ["", "Attack evaluation after embedding (both attacks, strong + weak, whitened):", "",
-              "| scoring | metrics | bootstrap CI | total | total without bootstrap | task-trials / s |",
-              "|---|---|---|---|---|---|",
-              f"| {a['scores_s']:.3f} s | {a['metrics_s']:.3f} s | {a['bootstrap_s']:.3f} s | {a['total_s']:.3f} s | "
-              f"{a['total_without_bootstrap_s']:.3f} s | {a['task_trials_per_s']:,.0f} |"]
-    return "\n".join(lines) + "\n"
+             "running in parallel) / tasks per round.")
+    return (f"{intro}\n\n{engines}\n\nAttack evaluation after embedding (both attacks, strong + weak, whitened):"
+            f"\n\n{attack}\n")

@@ -21,26 +21,26 @@ from torch import nn
 from fedtask.models import TaskModel
 
 
-def lora_targets(encoder: nn.Module, config: dict) -> list[str]:
-    targets = list(config["model"]["lora_targets"]) or list(getattr(encoder, "lora_targets", ()))
+def lora_targets(encoder: nn.Module, config) -> list[str]:
+    targets = list(config.model.lora_targets) or list(getattr(encoder, "lora_targets", ()))
     if not targets:
         raise ValueError(f"model.lora_targets: no default LoRA targets for model.encoder="
-                         f"{config['model']['encoder']!r}; name the modules (e.g. [\"query\", \"value\"])")
+                         f"{config.model.encoder!r}; name the modules (e.g. [\"query\", \"value\"])")
     names = {name.rsplit(".", 1)[-1] for name, _ in encoder.named_modules()} | {n for n, _ in encoder.named_modules()}
     missing = [t for t in targets if t not in names]
     if missing:
         raise ValueError(f"model.lora_targets: no module named {', '.join(map(repr, missing))} in "
-                         f"model.encoder={config['model']['encoder']!r}")
+                         f"model.encoder={config.model.encoder!r}")
     return targets
 
 
-def add_lora_adapter(model: TaskModel, config: dict) -> TaskModel:
+def add_lora_adapter(model: TaskModel, config) -> TaskModel:
     """Wrap ``model.encoder`` with one LoRA adapter; its weights are the task's private part."""
     from peft import LoraConfig, get_peft_model
 
     encoder = model.encoder
     trainable = {name: p.requires_grad for name, p in encoder.named_parameters()}
-    lora_config = LoraConfig(r=config["model"]["lora_r"], lora_alpha=config["model"]["lora_alpha"],
+    lora_config = LoraConfig(r=config.model.lora_r, lora_alpha=config.model.lora_alpha,
                              target_modules=lora_targets(encoder, config), lora_dropout=0.0, bias="none")
     peft_encoder = get_peft_model(encoder, lora_config)
     for name, param in peft_encoder.named_parameters():

@@ -17,10 +17,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fedtask.data.base import TaskSet
+from fedtask.data.base import TaskSpec
 
-# model.encoder -> builder(config, taskset) -> nn.Module mapping inputs to (n, embedding_dim)
-ENCODERS: dict[str, Callable[[dict, TaskSet], nn.Module]] = {}
+# model.encoder -> builder(config, spec) -> nn.Module mapping inputs to (n, embedding_dim)
+ENCODERS: dict[str, Callable[..., nn.Module]] = {}
 # modules that register more encoders when imported (looked up on an unknown name)
 ENCODER_MODULES = ("fedtask.models_vision", "fedtask.models_text")
 
@@ -46,10 +46,10 @@ class MLPEncoder(nn.Module):
 
 
 @register_encoder("mlp")
-def _build_mlp(config: dict, taskset: TaskSet) -> nn.Module:
-    if taskset.input_kind != "vector":
-        raise ValueError(f"model.encoder: 'mlp' needs vector inputs, data gives {taskset.input_kind}")
-    return MLPEncoder(taskset.input_shape[0], config["model"]["hidden_dim"], config["model"]["embedding_dim"])
+def _build_mlp(config, spec: TaskSpec) -> nn.Module:
+    if spec.input_kind != "vector":
+        raise ValueError(f"model.encoder: 'mlp' needs vector inputs, data gives {spec.input_kind}")
+    return MLPEncoder(spec.input_shape[0], config.model.hidden_dim, config.model.embedding_dim)
 
 
 class TaskModel(nn.Module):
@@ -99,8 +99,8 @@ class TaskModel(nn.Module):
         return [n for n, p in self.named_parameters() if not self.is_private(n) and p.requires_grad]
 
 
-def build_encoder(config: dict, taskset: TaskSet) -> nn.Module:
-    name = config["model"]["encoder"]
+def build_encoder(config, spec: TaskSpec) -> nn.Module:
+    name = config.model.encoder
     if name not in ENCODERS:
         for module in ENCODER_MODULES:
             try:
@@ -110,15 +110,15 @@ def build_encoder(config: dict, taskset: TaskSet) -> nn.Module:
                     raise
     if name not in ENCODERS:
         raise ValueError(f"model.encoder: unknown encoder {name!r}; known: {', '.join(sorted(ENCODERS))}")
-    return ENCODERS[name](config, taskset)
+    return ENCODERS[name](config, spec)
 
 
-def build_model(config: dict, taskset: TaskSet, seed: int | None = None) -> TaskModel:
+def build_model(config, spec: TaskSpec, seed: int | None = None) -> TaskModel:
     """The initial model for ``config``; the same seed gives the same weights."""
-    torch.manual_seed(config["seed"] if seed is None else seed)
-    encoder = build_encoder(config, taskset)
-    model = TaskModel(encoder, config["model"]["embedding_dim"], taskset.num_classes)
-    if config["model"]["head"] == "lora":
+    torch.manual_seed(config.seed if seed is None else seed)
+    encoder = build_encoder(config, spec)
+    model = TaskModel(encoder, config.model.embedding_dim, spec.num_classes)
+    if config.model.head == "lora":
         from fedtask.lora import add_lora_adapter  # peft; imported only when asked for
 
         model = add_lora_adapter(model, config)
@@ -141,3 +141,10 @@ def initial_private_state(model: TaskModel, task_index: int, seed: int) -> dict[
             bound = 1.0 / param.shape[-1] ** 0.5
             state[name] = (torch.rand(param.shape, generator=gen) * 2 - 1) * bound
     return {k: v.to(next(model.parameters()).device) for k, v in state.items()}
+
+
+def pick_device(wanted: str, *, gpu_share: float = 1.0) -> torch.device:
+    """``federation.device``: 'cuda', 'cpu', or 'auto' = the GPU when there is one and this
+    process has a share of it (a Flower client asks for ``num_gpus_per_client``)."""
+    use_gpu = wanted == "cuda" or (wanted == "auto" and gpu_share > 0 and torch.cuda.is_available())
+    return torch.device("cuda" if use_gpu else "cpu")

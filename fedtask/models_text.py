@@ -28,18 +28,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fedtask.data.base import TaskSet
+from fedtask.data.base import TaskSpec
 from fedtask.models import register_encoder
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 
 
-def _pad_id(taskset: TaskSet, name: str) -> int:
-    if taskset.input_kind != "tokens" or "pad_token_id" not in taskset.extra:
+def _pad_id(spec: TaskSpec, name: str) -> int:
+    if spec.input_kind != "tokens" or spec.pad_token_id is None:
         raise ValueError(f"model.encoder: {name!r} needs token inputs (a language dataset), "
-                         f"data gives {taskset.input_kind}")
-    return int(taskset.extra["pad_token_id"])
+                         f"data gives {spec.input_kind}")
+    return spec.pad_token_id
 
 
 def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -64,12 +64,12 @@ class CharLSTMEncoder(nn.Module):
 
 
 @register_encoder("char_lstm")
-def build_char_lstm(config: dict, taskset: TaskSet) -> nn.Module:
-    _pad_id(taskset, "char_lstm")
-    if taskset.extra.get("encoding") != "characters":
+def build_char_lstm(config, spec: TaskSpec) -> nn.Module:
+    _pad_id(spec, "char_lstm")
+    if spec.encoding != "characters":
         raise ValueError("model.encoder: 'char_lstm' reads character ids; this dataset was tokenised with a subword "
                          "tokenizer")
-    return CharLSTMEncoder(taskset.vocab_size, config["model"]["embedding_dim"], config["model"]["lstm_hidden"])
+    return CharLSTMEncoder(spec.vocab_size, config.model.embedding_dim, config.model.lstm_hidden)
 
 
 class _EvalTransformer(nn.Module):
@@ -131,7 +131,7 @@ def _default_targets(model_type: str, fallback: tuple[str, ...]) -> list[str]:
     return list(mapping.get(model_type, fallback))
 
 
-def load_transformer(config: dict, auto_class, path: str | Path, what: str) -> nn.Module:
+def load_transformer(config, auto_class, path: str | Path, what: str) -> nn.Module:
     """A transformers model from a local folder: its weights, or (model.random_init) its config only."""
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
@@ -141,7 +141,7 @@ def load_transformer(config: dict, auto_class, path: str | Path, what: str) -> n
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model.pretrained_path: {path}: no config.json (a transformers model folder "
                                 f"is needed for {what})")
-    if config["model"]["random_init"]:
+    if config.model.random_init:
         model_config = AutoConfig.from_pretrained(path, local_files_only=True)
         return auto_class.from_config(model_config).float()
     if not any((path / name).is_file() for name in WEIGHT_FILES):
@@ -150,10 +150,10 @@ def load_transformer(config: dict, auto_class, path: str | Path, what: str) -> n
     return auto_class.from_pretrained(path, local_files_only=True).float()  # bf16 checkpoints train in fp32
 
 
-def _freeze_embeddings(model: nn.Module, config: dict) -> None:
+def _freeze_embeddings(model: nn.Module, config) -> None:
     """model.freeze_embeddings: the token embedding matrices (input, and a causal LM's output head)
     stay at their pretrained values and never travel (for Gemma 3 270M they are 2 x 168M of its weights)."""
-    if config["model"]["freeze_embeddings"]:
+    if config.model.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if output is not None:
@@ -161,39 +161,39 @@ def _freeze_embeddings(model: nn.Module, config: dict) -> None:
 
 
 @register_encoder("minilm")
-def build_minilm(config: dict, taskset: TaskSet) -> nn.Module:
+def build_minilm(config, spec: TaskSpec) -> nn.Module:
     from transformers import AutoModel
 
     from fedtask.data.text import minilm_path
 
-    pad = _pad_id(taskset, "minilm")
+    pad = _pad_id(spec, "minilm")
     transformer = load_transformer(config, AutoModel, minilm_path(), "all-MiniLM-L6-v2")
     _freeze_embeddings(transformer, config)
-    return PooledTransformerEncoder(transformer, pad, config["model"]["embedding_dim"])
+    return PooledTransformerEncoder(transformer, pad, config.model.embedding_dim)
 
 
 @register_encoder("bert")
-def build_bert(config: dict, taskset: TaskSet) -> nn.Module:
+def build_bert(config, spec: TaskSpec) -> nn.Module:
     from transformers import AutoModel
 
-    pad = _pad_id(taskset, "bert")
-    if not config["model"]["pretrained_path"]:
+    pad = _pad_id(spec, "bert")
+    if not config.model.pretrained_path:
         raise ValueError("model.pretrained_path: model.encoder = 'bert' loads a BERT-family model from a local "
                          "folder; set model.pretrained_path")
-    transformer = load_transformer(config, AutoModel, config["model"]["pretrained_path"], "model.encoder = 'bert'")
+    transformer = load_transformer(config, AutoModel, config.model.pretrained_path, "model.encoder = 'bert'")
     _freeze_embeddings(transformer, config)
-    return PooledTransformerEncoder(transformer, pad, config["model"]["embedding_dim"])
+    return PooledTransformerEncoder(transformer, pad, config.model.embedding_dim)
 
 
 @register_encoder("causal_lm")
-def build_causal_lm(config: dict, taskset: TaskSet) -> nn.Module:
+def build_causal_lm(config, spec: TaskSpec) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    pad = _pad_id(taskset, "causal_lm")
-    if not config["model"]["pretrained_path"]:
+    pad = _pad_id(spec, "causal_lm")
+    if not config.model.pretrained_path:
         raise ValueError("model.pretrained_path: model.encoder = 'causal_lm' loads a causal LM from a local folder; "
                          "set model.pretrained_path")
-    lm = load_transformer(config, AutoModelForCausalLM, config["model"]["pretrained_path"],
+    lm = load_transformer(config, AutoModelForCausalLM, config.model.pretrained_path,
                           "model.encoder = 'causal_lm'")
     _untie_lm_head(lm)
     _freeze_embeddings(lm, config)

@@ -35,7 +35,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 from fedtask.config import ConfigError
-from fedtask.data.base import TaskSet
+from fedtask.data.base import TaskSpec
 from fedtask.models import register_encoder
 
 NORMS = ("group", "frozen_batch")
@@ -108,34 +108,34 @@ class ResNetEncoder(nn.Module):
         return self.bottleneck(self.backbone(x))
 
 
-def _image_channels(config: dict, taskset: TaskSet) -> int:
-    if taskset.input_kind != "image":
-        raise ConfigError(f"model.encoder: {config['model']['encoder']!r} needs image inputs; "
-                          f"data.name={config['data']['name']!r} gives {taskset.input_kind}")
-    return int(taskset.input_shape[0])
+def _image_channels(config, spec: TaskSpec) -> int:
+    if spec.input_kind != "image":
+        raise ConfigError(f"model.encoder: {config.model.encoder!r} needs image inputs; "
+                          f"data.name={config.data.name!r} gives {spec.input_kind}")
+    return int(spec.input_shape[0])
 
 
 @register_encoder("resnet8")
-def build_resnet8(config: dict, taskset: TaskSet) -> nn.Module:
-    model = config["model"]
-    encoder = ResNetEncoder(resnet8_backbone(_image_channels(config, taskset), model["norm"]), 64,
-                            model["embedding_dim"])
-    if model["pretrained_path"]:
-        load_pretrained(encoder, Path(model["pretrained_path"]), "resnet8", model["norm"])
+def build_resnet8(config, spec: TaskSpec) -> nn.Module:
+    model = config.model
+    encoder = ResNetEncoder(resnet8_backbone(_image_channels(config, spec), model.norm), 64,
+                            model.embedding_dim)
+    if model.pretrained_path:
+        load_pretrained(encoder, Path(model.pretrained_path), "resnet8", model.norm)
     return encoder
 
 
 def _register_torchvision(name: str) -> None:
     @register_encoder(name)
-    def build(config: dict, taskset: TaskSet) -> nn.Module:
-        model = config["model"]
-        channels = _image_channels(config, taskset)
+    def build(config, spec: TaskSpec) -> nn.Module:
+        model = config.model
+        channels = _image_channels(config, spec)
         if channels not in (1, 3):
             raise ConfigError(f"model.encoder: {name} takes 1- or 3-channel images; data gives {channels}")
-        encoder = ResNetEncoder(torchvision_backbone(name, model["norm"]), TORCHVISION[name][1],
-                                model["embedding_dim"], gray_to_rgb=channels == 1)
-        if model["pretrained_path"]:
-            load_pretrained(encoder, Path(model["pretrained_path"]), name, model["norm"])
+        encoder = ResNetEncoder(torchvision_backbone(name, model.norm), TORCHVISION[name][1],
+                                model.embedding_dim, gray_to_rgb=channels == 1)
+        if model.pretrained_path:
+            load_pretrained(encoder, Path(model.pretrained_path), name, model.norm)
         return encoder
 
 

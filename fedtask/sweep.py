@@ -9,10 +9,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from fedtask import pipeline
+from attacks import STATISTICS, markdown_table
+from fedtask import pipeline, rundir
 from fedtask.config import ConfigError, with_overrides
-
-ATTACKS = ("variance", "inner_product")
 
 
 def parse_epsilons(text: str) -> list[float]:
@@ -31,7 +30,7 @@ def parse_epsilons(text: str) -> list[float]:
     return budgets
 
 
-def budget_config(config: dict, epsilon: float) -> dict:
+def budget_config(config, epsilon: float):
     """The run for one budget: DP off for inf, else DP calibrated to ``epsilon``."""
     if math.isinf(epsilon):
         return with_overrides(config, {"dp.enabled": False})
@@ -42,7 +41,7 @@ def _label(epsilon: float) -> str:
     return "inf" if math.isinf(epsilon) else f"{epsilon:g}"
 
 
-def dp_sweep(config: dict, epsilons: list[float], out_dir: Path) -> list[dict]:
+def dp_sweep(config, epsilons: list[float], out_dir: Path) -> list[dict]:
     out_dir = Path(out_dir)
     if (out_dir / "dp_sweep.json").exists():
         raise ConfigError(f"{out_dir}: already holds a sweep (dp_sweep.json); choose another --out")
@@ -51,10 +50,10 @@ def dp_sweep(config: dict, epsilons: list[float], out_dir: Path) -> list[dict]:
     for epsilon, run_config in zip(epsilons, configs):
         pipeline.log(f"== budget epsilon={_label(epsilon)} ==")
         run_dir = out_dir / f"eps_{_label(epsilon)}"
-        pipeline.train(run_config, run_dir)
-        results = pipeline.attack(run_dir)
+        pipeline.run_training(run_config, run_dir)
+        results = pipeline.run_attack(run_dir)
         rows.append(sweep_row(epsilon, results, run_dir))
-        pipeline.write_json(out_dir / "dp_sweep.json", rows)  # partial progress survives an interruption
+        rundir.write_json(out_dir / "dp_sweep.json", rows)  # partial progress survives an interruption
     (out_dir / "dp_sweep.md").write_text(format_sweep(rows))
     plot_sweep(rows, out_dir / "dp_sweep.png")
     print(format_sweep(rows), flush=True)
@@ -68,7 +67,7 @@ def sweep_row(target_epsilon: float, results: dict, run_dir: Path) -> dict:
         "epsilon": privacy["epsilon"] if privacy["enabled"] else math.inf,
         "noise_multiplier": privacy["noise_multiplier"] if privacy["enabled"] else 0.0,
         "in_task_accuracy": results["utility"]["in_task_accuracy"],
-        "auc": {name: {access: attacks[name][access]["auc"] for access in ("strong", "weak")} for name in ATTACKS},
+        "auc": {name: {access: attacks[name][access]["auc"] for access in ("strong", "weak")} for name in STATISTICS},
         "run": str(run_dir),
     }
 
@@ -78,15 +77,13 @@ def format_sweep(rows: list[dict]) -> str:
         return "∞ (no noise)" if value in ("inf", None) or (isinstance(value, float) and math.isinf(value)) \
             else f"{value:.3g}"
 
-    lines = ["| target ε | ε spent | noise z | in-task acc. | variance AUC strong | variance AUC weak "
-             "| inner-product AUC strong | inner-product AUC weak |",
-             "|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        auc = row["auc"]
-        lines.append(f"| {eps(row['target_epsilon'])} | {eps(row['epsilon'])} | {row['noise_multiplier']:.3g} | "
-                     f"{row['in_task_accuracy']:.3f} | {auc['variance']['strong']:.3f} | {auc['variance']['weak']:.3f} | "
-                     f"{auc['inner_product']['strong']:.3f} | {auc['inner_product']['weak']:.3f} |")
-    return "# Task-level DP sweep\n\n" + "\n".join(lines) + "\n"
+    columns = [(name, access) for name in STATISTICS for access in ("strong", "weak")]
+    header = ["target ε", "ε spent", "noise z", "in-task acc.",
+              *(f"{name.replace('_', '-')} AUC {access}" for name, access in columns)]
+    table = [[eps(row["target_epsilon"]), eps(row["epsilon"]), f"{row['noise_multiplier']:.3g}",
+              f"{row['in_task_accuracy']:.3f}", *(f"{row['auc'][name][access]:.3f}" for name, access in columns)]
+             for row in rows]
+    return "# Task-level DP sweep\n\n" + markdown_table(header, table) + "\n"
 
 
 def plot_sweep(rows: list[dict], path: Path) -> None:
@@ -100,7 +97,7 @@ def plot_sweep(rows: list[dict], path: Path) -> None:
     fig, (ax_acc, ax_auc) = plt.subplots(1, 2, figsize=(11, 4))
     ax_acc.plot(xs, [r["in_task_accuracy"] for r in rows], "o-", color="black")
     ax_acc.set(title="Utility", xlabel="target ε (task-level)", ylabel="in-task accuracy")
-    for name, marker in zip(ATTACKS, ("o", "s")):
+    for name, marker in zip(STATISTICS, ("o", "s", "^", "D", "v")):
         for access, style in (("strong", "-"), ("weak", "--")):
             ax_auc.plot(xs, [r["auc"][name][access] for r in rows], marker=marker, linestyle=style,
                         label=f"{name.replace('_', ' ')} / {access}")

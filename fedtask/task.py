@@ -127,6 +127,14 @@ def local_round(model: TaskModel, shared: Params, private: Params, x: torch.Tens
     return private, grads, loss_before
 
 
+def labelled_hits(logits: torch.Tensor, y: torch.Tensor, task_dims: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(right predictions, labelled positions), summed over all but the ``task_dims`` leading dimensions."""
+    labelled = y != IGNORE_INDEX
+    hits = (logits.argmax(-1) == y) & labelled
+    dims = tuple(range(task_dims, y.dim()))
+    return hits.sum(dims), labelled.sum(dims)
+
+
 @torch.no_grad()
 def accuracy(model: TaskModel, shared: Params, private: Params, x: torch.Tensor, y: torch.Tensor,
              batch_size: int = 512) -> float:
@@ -134,11 +142,8 @@ def accuracy(model: TaskModel, shared: Params, private: Params, x: torch.Tensor,
     correct, total = 0, 0
     for start in range(0, len(x), batch_size):
         logits = functional_call(model, {**shared, **private}, (x[start:start + batch_size],))
-        labels = y[start:start + batch_size].reshape(-1)
-        predictions = logits.reshape(-1, logits.shape[-1]).argmax(-1)
-        mask = labels != IGNORE_INDEX
-        correct += int((predictions[mask] == labels[mask]).sum())
-        total += int(mask.sum())
+        hits, labelled = labelled_hits(logits, y[start:start + batch_size])
+        correct, total = correct + int(hits), total + int(labelled)
     return correct / max(total, 1)
 
 

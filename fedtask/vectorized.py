@@ -17,11 +17,12 @@ import torch
 from torch.func import functional_call, vmap
 
 from fedtask import task as task_math
-from fedtask.checkpoint import save_head
 from fedtask.config import ConfigError
 from fedtask.data.base import TaskSet
-from fedtask.models import build_model, initial_private_state
-from strategies.fedsgd import EncoderAggregator
+from fedtask.engines import RoundHook, TrainingOutcome, encoder_aggregator
+from fedtask.models import build_model, initial_private_state, pick_device
+from fedtask.rundir import HEADS, save_head
+from strategies.fedsgd import round_row
 from strategies.sampling import sample_round
 
 
@@ -33,10 +34,9 @@ def _stack(tensors: list[torch.Tensor], what: str) -> torch.Tensor:
     return torch.stack(tensors)
 
 
-def engine_device(config: dict) -> torch.device:
+def engine_device(config) -> torch.device:
     """One process: the GPU whenever there is one, unless ``federation.device`` says cpu."""
-    wanted = config["federation"]["device"]
-    return torch.device("cuda" if wanted != "cpu" and torch.cuda.is_available() else "cpu")
+    return pick_device(config.federation.device)
 
 
 def _in_passes(batched, chunk: int, private: dict, *tensors: torch.Tensor):
@@ -54,10 +54,10 @@ def _join(outputs: list):
     return torch.cat(outputs)
 
 
-def _gather_batches(x: torch.Tensor, y: torch.Tensor, pids: list[int], config: dict, server_round: int):
+def _gather_batches(x: torch.Tensor, y: torch.Tensor, pids: list[int], config, server_round: int):
     """The round's inputs for the sampled tasks, with the same seeded minibatches as Flower."""
-    batch = config["federation"]["batch_size"]
-    rows = [task_math.batch_indices(x.shape[1], batch, config["seed"], server_round, pid) for pid in pids]
+    batch = config.federation.batch_size
+    rows = [task_math.batch_indices(x.shape[1], batch, config.seed, server_round, pid) for pid in pids]
     index = torch.tensor(pids, device=x.device)
     if rows[0] is None:
         return x[index], y[index]
@@ -68,7 +68,7 @@ def _gather_batches(x: torch.Tensor, y: torch.Tensor, pids: list[int], config: d
 AUTO_SAMPLES_PER_PASS = {"cpu": 1024, "cuda": 8192}
 
 
-def tasks_per_pass(config: dict, samples_per_task: int, num_tasks: int, device: torch.device) -> int:
+def tasks_per_pass(config, samples_per_task: int, num_tasks: int, device: torch.device) -> int:
     """Whole tasks per encoder pass under ``federation.samples_per_pass`` (at least one).
 
     A pass over a few hundred tasks at once holds every activation of the round: gigabytes
@@ -77,7 +77,7 @@ def tasks_per_pass(config: dict, samples_per_task: int, num_tasks: int, device: 
     there. A GPU wants the opposite: few, large passes, each kernel launch doing more work.
     ``0`` (the default) picks per device; a big encoder on a small GPU may need fewer.
     """
-    limit = config["federation"]["samples_per_pass"] or AUTO_SAMPLES_PER_PASS.get(torch.device(device).type, 1024)
+    limit = config.federation.samples_per_pass or AUTO_SAMPLES_PER_PASS.get(torch.device(device).type, 1024)
     return max(1, min(num_tasks, limit // max(1, samples_per_task)))
 
 
@@ -101,54 +101,60 @@ def _mean_gradient_round(model, shared: dict, private: dict, x: torch.Tensor, y:
     frozen = torch.cat([embeddings.detach() for embeddings in passes])
     # the head's closed-form gradient takes leading task dimensions: no vmap needed
     _, losses, _ = task_math.head_gradient(private, frozen, y)
-    new_private = task_math.head_steps_on_embeddings(private, frozen, y, fed["head_lr"], fed["head_weight_decay"],
-                                                     fed["head_steps"])
+    new_private = task_math.head_steps_on_embeddings(private, frozen, y, fed.head_lr, fed.head_weight_decay,
+                                                     fed.head_steps)
     _, _, grad_embeddings = task_math.head_gradient(new_private, frozen, y)
     # one backward through every pass: autograd adds the passes' shares of the mean gradient
     grads = torch.autograd.grad(passes, list(train.values()), list((grad_embeddings / len(x)).split(chunk)))
     return new_private, dict(zip(train, grads)), losses
 
 
-def train_vectorized(config: dict, taskset: TaskSet, out_dir: Path, progress=None) -> dict:
-    """Train like the Flower engine does; return the same outcome dict."""
-    fed, dp = config["federation"], config["dp"]
+class VectorizedEngine:
+    """The ``vectorized`` engine (see the module docstring)."""
+
+    def train(self, config, taskset: TaskSet, out_dir: Path, *, on_round: RoundHook | None = None) -> TrainingOutcome:
+        return train_vectorized(config, taskset, out_dir, on_round=on_round)
+
+
+def train_vectorized(config, taskset: TaskSet, out_dir: Path, *, on_round: RoundHook | None = None) -> TrainingOutcome:
+    """Train like the Flower engine does, to the same outcome."""
+    fed, dp = config.federation, config.dp
     device = engine_device(config)
-    model = build_model(config, taskset).to(device)
+    model = build_model(config, taskset.spec).to(device)
     if not model.head_only:
         raise ConfigError("federation.engine: 'vectorized' supports linear heads only; use engine = 'flower' "
                           "for LoRA adapters")
     if any(isinstance(m, torch.nn.RNNBase) for m in model.modules()):
         raise ConfigError(f"federation.engine: 'vectorized' cannot batch the recurrent encoder "
-                          f"{config['model']['encoder']!r} over tasks (torch.func has no vmap rule for it); "
+                          f"{config.model.encoder!r} over tasks (torch.func has no vmap rule for it); "
                           "use engine = 'flower'")
     num_tasks = len(taskset.in_tasks)
     train_x = _stack([t.train_x for t in taskset.in_tasks], "train").to(device)
     train_y = _stack([t.train_y for t in taskset.in_tasks], "train").to(device)
     initial = {name: value.cpu() for name, value in model.shared_state().items()}  # as the Flower engine returns it
     trainable = model.shared_parameter_names()
-    aggregator = EncoderAggregator(dict(initial), trainable, fed, dp, num_tasks,
-                                   config["seed"])
-    heads = [initial_private_state(model, pid, config["seed"]) for pid in range(num_tasks)]
+    aggregator = encoder_aggregator(config, dict(initial), trainable)
+    heads = [initial_private_state(model, pid, config.seed) for pid in range(num_tasks)]
     heads = {name: torch.stack([h[name] for h in heads]).to(device) for name in heads[0]}
 
     rounds_log = []
-    for server_round in range(1, fed["rounds"] + 1):
+    for server_round in range(1, fed.rounds + 1):
         started = time.perf_counter()
-        warm = server_round <= fed["warm_start_rounds"]
-        pids = sample_round(num_tasks, fed["tasks_per_round"], config["seed"], server_round, warm, dp["enabled"])
+        warm = server_round <= fed.warm_start_rounds
+        pids = sample_round(num_tasks, fed.tasks_per_round, config.seed, server_round, warm, dp.enabled)
         shared = {k: v.to(device) for k, v in aggregator.state().items()}
         stats = {}
         if pids:
             x, y = _gather_batches(train_x, train_y, pids, config, server_round)
             augment = taskset.extra.get("augment")  # the clients' seeded training-time augmentation
             if augment is not None:
-                x = torch.stack([augment(xb, config["seed"], server_round, pid) for xb, pid in zip(x, pids)])
+                x = torch.stack([augment(xb, config.seed, server_round, pid) for xb, pid in zip(x, pids)])
             index = torch.tensor(pids, device=device)
             private = {name: value[index] for name, value in heads.items()}
             chunk = tasks_per_pass(config, x.shape[1], len(pids), device)
             if aggregator.needs_task_updates or warm:
-                one_task = functools.partial(task_math.local_round, model, shared, lr=fed["head_lr"],
-                                             weight_decay=fed["head_weight_decay"], steps=fed["head_steps"],
+                one_task = functools.partial(task_math.local_round, model, shared, lr=fed.head_lr,
+                                             weight_decay=fed.head_weight_decay, steps=fed.head_steps,
                                              warm_start=warm, trainable=trainable)
 
                 def batched(p, xb, yb):
@@ -170,24 +176,25 @@ def train_vectorized(config: dict, taskset: TaskSet, out_dir: Path, progress=Non
             if not warm:
                 stats = aggregator.step({name: torch.zeros(0, *initial[name].shape) for name in trainable},
                                         server_round)
-        row = {"round": server_round, "phase": "warm_start" if warm else "train", "tasks": pids, "loss": loss,
-               "seconds": time.perf_counter() - started, **stats}
+        row = round_row(server_round, warm=warm, tasks=pids, loss=loss, seconds=time.perf_counter() - started,
+                        stats=stats)
         rounds_log.append(row)
-        if progress:
-            progress(row)
+        if on_round:
+            on_round(server_round, aggregator.state(), row)
 
     final = aggregator.state()
     final_device = {k: v.to(device) for k, v in final.items()}
     chunk = tasks_per_pass(config, train_x.shape[1], num_tasks, device)
-    if fed["final_head_steps"]:  # refresh every head on the final encoder, as each client does
-        refresh = functools.partial(task_math.head_steps, model, final_device, lr=fed["head_lr"],
-                                    weight_decay=fed["head_weight_decay"], steps=fed["final_head_steps"])
+    if fed.final_head_steps:  # refresh every head on the final encoder, as each client does
+        refresh = functools.partial(task_math.head_steps, model, final_device, lr=fed.head_lr,
+                                    weight_decay=fed.head_weight_decay, steps=fed.final_head_steps)
         heads = _in_passes(vmap(lambda p, xb, yb: refresh(p, xb, yb)), chunk, heads, train_x, train_y)
     evaluation = evaluate_all(model, final_device, heads, taskset, device, chunk)
+    heads_dir = Path(out_dir) / HEADS
     for pid, task in enumerate(taskset.in_tasks):
-        save_head(Path(out_dir) / "heads", pid, task.name, {k: v[pid] for k, v in heads.items()})
-    return {"initial_encoder": initial, "encoder": final, "rounds": rounds_log, "evaluation": evaluation,
-            "heads": {k: v.cpu() for k, v in heads.items()}}
+        save_head(heads_dir, pid, task.name, {k: v[pid] for k, v in heads.items()})
+    return TrainingOutcome(initial_encoder=initial, encoder=final, rounds=rounds_log, evaluation=evaluation,
+                           heads_dir=heads_dir)
 
 
 @torch.no_grad()
@@ -197,7 +204,8 @@ def evaluate_all(model, shared: dict, heads: dict, taskset: TaskSet, device, chu
 
     def task_accuracy(private: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = vmap(lambda p, xb: functional_call(model, {**shared, **p}, (xb,)))(private, x)
-        return (logits.argmax(-1) == y).float().mean(dim=tuple(range(1, y.dim())))
+        hits, labelled = task_math.labelled_hits(logits, y, task_dims=1)
+        return hits.float() / labelled.float()
 
     def accuracy(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return _in_passes(task_accuracy, chunk, heads, x, y)

@@ -11,59 +11,49 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from opacus.accountants import create_accountant
+from opacus.accountants.registry import _ACCOUNTANTS as _OPACUS_ACCOUNTANTS
 from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
+
+from strategies._checks import finite, integer, is_real, shown
 
 __all__ = [
     "ACCOUNTANTS",
     "calibrate_noise_multiplier",
     "epsilon_spent",
     "privacy_report",
-    "resolve_noise_multiplier",
 ]
 
-ACCOUNTANTS = ("rdp", "prv")
+# The accountants we offer: the mechanisms of Opacus's own ``create_accountant`` registry that
+# bound the Poisson-subsampled Gaussian mechanism over many steps from a (z, q, steps) history:
+# "rdp" (RDPAccountant) and "prv" (PRVAccountant). Opacus's "gdp" (GaussianAccountant) is left
+# out: its Gaussian-DP bound is a central-limit approximation, accurate only for a small sample
+# rate over very many steps, and it can underestimate the ε spent (Opacus warns so whenever one
+# is built); with tasks_per_round / num_in_tasks often far from small, it would under-report.
+_SUBSAMPLED_GAUSSIAN = frozenset({"rdp", "prv"})
+ACCOUNTANTS: tuple[str, ...] = tuple(name for name in _OPACUS_ACCOUNTANTS if name in _SUBSAMPLED_GAUSSIAN)
 # Relative precision of the calibration's binary search: the calibrated z spends
 # between (1 - _REL_TOL) * target and target.
 _REL_TOL = 0.005
 
 
-def _check_accountant(accountant: str) -> str:
+def _check_accountant(accountant: Any) -> str:
     if accountant not in ACCOUNTANTS:
-        raise ValueError(f"dp.accountant must be one of {ACCOUNTANTS}; got {accountant!r}")
+        raise ValueError(f"accountant must be one of {ACCOUNTANTS}; got {accountant!r}")
     return accountant
 
 
-def _as_float(x: Any) -> float:
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return math.nan  # fails every range check below, so the message names the key
+def _check_rate(sample_rate: Any) -> None:
+    if not (is_real(sample_rate) and 0 < sample_rate <= 1):
+        raise ValueError(f"sample_rate must be in (0, 1]; got {shown(sample_rate)}")
 
 
-def _check_rate(sample_rate: float) -> None:
-    if not 0 < _as_float(sample_rate) <= 1:
-        raise ValueError(
-            "sampling rate q = federation.tasks_per_round / data.num_in_tasks must be in (0, 1]; "
-            f"got {sample_rate}"
-        )
-
-
-def _check_delta(delta: float) -> None:
-    if not 0 < _as_float(delta) < 1:
-        raise ValueError(f"dp.delta must be in (0, 1); got {delta}")
-
-
-def _check_steps(steps: int, minimum: int) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < minimum:
-        raise ValueError(
-            "rounds that train the encoder (federation.rounds - federation.warm_start_rounds) "
-            f"must be an integer >= {minimum}; got {steps}"
-        )
+def _check_delta(delta: Any) -> None:
+    if not (is_real(delta) and 0 < delta < 1):
+        raise ValueError(f"delta must be in (0, 1); got {shown(delta)}")
 
 
 def _accountant_epsilon(
@@ -78,6 +68,7 @@ def _accountant_epsilon(
 
 
 def epsilon_spent(
+    *,
     noise_multiplier: float,
     sample_rate: float,
     steps: int,
@@ -87,15 +78,16 @@ def epsilon_spent(
     """ε at ``delta`` after ``steps`` rounds of the Poisson-subsampled Gaussian mechanism.
 
     Computed by Opacus's ``RDPAccountant`` (default) or ``PRVAccountant`` (a tighter
-    numerical upper bound). No noise (z == 0) gives no finite guarantee: ``math.inf``.
-    Zero rounds release nothing about the encoder: 0.0.
+    numerical upper bound). No noise (noise_multiplier == 0) gives no finite guarantee:
+    ``math.inf``; infinite noise (``math.inf``) releases nothing: 0.0. Zero steps release
+    nothing either: 0.0. A ValueError names the parameter it refuses.
     """
     _check_accountant(accountant)
     _check_rate(sample_rate)
     _check_delta(delta)
-    _check_steps(steps, 0)
-    if not _as_float(noise_multiplier) >= 0:
-        raise ValueError(f"dp.noise_multiplier must be >= 0; got {noise_multiplier}")
+    integer("steps", steps, minimum=0)
+    if not (is_real(noise_multiplier) and noise_multiplier >= 0):
+        raise ValueError(f"noise_multiplier must be >= 0; got {shown(noise_multiplier)}")
     if steps == 0:
         return 0.0
     if noise_multiplier == 0:
@@ -106,6 +98,7 @@ def epsilon_spent(
 
 
 def calibrate_noise_multiplier(
+    *,
     target_epsilon: float,
     sample_rate: float,
     steps: int,
@@ -116,16 +109,16 @@ def calibrate_noise_multiplier(
 
     Uses ``opacus.accountants.utils.get_noise_multiplier`` with a relative tolerance, so the
     returned z spends ε in [0.995 * target, target]. ``target_epsilon = inf`` means no
-    privacy: 0.0. Raises ValueError naming dp.target_epsilon when the accountant cannot
+    privacy: 0.0. Raises ValueError naming target_epsilon when the accountant cannot
     certify the target at any noise level Opacus searches (z up to 1e6), e.g. a tiny ε with
-    many rounds under RDP, whose ε-conversion has a floor.
+    many steps under RDP, whose ε-conversion has a floor.
     """
     _check_accountant(accountant)
     _check_rate(sample_rate)
     _check_delta(delta)
-    _check_steps(steps, 1)
-    if not _as_float(target_epsilon) > 0:
-        raise ValueError(f"dp.target_epsilon must be > 0 (inf = no noise); got {target_epsilon}")
+    integer("steps", steps, minimum=1)
+    if not (is_real(target_epsilon) and target_epsilon > 0):
+        raise ValueError(f"target_epsilon must be > 0 (inf = no noise); got {shown(target_epsilon)}")
     if math.isinf(float(target_epsilon)):
         return 0.0
     try:
@@ -146,69 +139,48 @@ def calibrate_noise_multiplier(
                 epsilon_tolerance=_REL_TOL * float(target_epsilon),
             )
     except ValueError as exc:  # Opacus: "The privacy budget is too low." (z > 1e6)
+        remedies = ("raise target_epsilon or delta, take fewer steps, lower sample_rate, or use accountant \"prv\""
+                    if accountant == "rdp" else "raise target_epsilon or delta, take fewer steps, or lower sample_rate")
         raise ValueError(
-            f"dp.target_epsilon={target_epsilon} cannot be reached at dp.delta={delta} with "
-            f"sampling rate {sample_rate:g} over {steps} encoder rounds using the "
-            f"{accountant.upper()} accountant ({exc}); raise dp.target_epsilon or dp.delta, "
-            "train fewer rounds, sample fewer tasks per round"
-            + (", or use dp.accountant = \"prv\"" if accountant == "rdp" else "")
+            f"target_epsilon={target_epsilon} cannot be reached at delta={delta} with sample_rate "
+            f"{sample_rate:g} over {steps} steps using the {accountant.upper()} accountant ({exc}); {remedies}"
         ) from exc
     return float(z)
 
 
-def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
-    value = cfg.get(key, default)
-    return default if value is None else value
-
-
-def resolve_noise_multiplier(dp_cfg: Mapping[str, Any], sample_rate: float, steps: int) -> float:
-    """The z to train with: calibrated to ``dp.target_epsilon`` if set, else ``dp.noise_multiplier``.
-
-    Call it once before training with the planned encoder rounds; calibration is
-    deterministic, so ``privacy_report`` recomputes the same value. With a target but
-    no encoder rounds (steps == 0) nothing is released and 0.0 is returned.
-    """
-    target = dp_cfg.get("target_epsilon")
-    if target is not None and steps == 0:
-        return 0.0  # nothing touches the encoder, so no noise is needed for any target
-    if target is not None:
-        return calibrate_noise_multiplier(
-            float(target), sample_rate, steps, float(_get(dp_cfg, "delta", 1e-5)),
-            _get(dp_cfg, "accountant", "rdp"),
-        )
-    z = float(_get(dp_cfg, "noise_multiplier", 1.0))
-    if not z >= 0:
-        raise ValueError(f"dp.noise_multiplier must be >= 0; got {z}")
-    return z
-
-
 def privacy_report(
-    dp_cfg: Mapping[str, Any],
+    *,
+    enabled: bool,
+    noise_multiplier: float,
+    clipping_norm: float,
+    delta: float,
     sample_rate: float,
     steps: int,
-    noise_multiplier: float | None = None,
+    accountant: str = "rdp",
 ) -> dict[str, Any]:
     """The CONTRACT §4 ``results.json["privacy"]`` block for a finished training run.
 
-    ``dp_cfg`` is the resolved ``[dp]`` table; ``steps`` the rounds that updated the encoder
-    (warm-start rounds excluded). ``noise_multiplier`` is the z actually used (default:
-    ``resolve_noise_multiplier``). With DP disabled every field but ``enabled`` is None.
+    ``noise_multiplier`` is the z actually trained with (calibrated, if a target ε was set);
+    ``steps`` the rounds that updated the encoder (warm-start rounds excluded). With
+    ``enabled`` False every field but ``enabled`` is None (and nothing else is checked).
     ``epsilon`` is ``math.inf`` when z == 0 (target ε = inf): JSON writers must map it.
     """
     keys = ("epsilon", "delta", "noise_multiplier", "clipping_norm", "sampling_rate",
             "rounds", "accountant")
-    if not dp_cfg.get("enabled", False):
+    if not isinstance(enabled, bool):
+        raise ValueError(f"enabled must be True or False; got {shown(enabled)}")
+    if not enabled:
         return {"enabled": False, **dict.fromkeys(keys)}
-    accountant = _check_accountant(_get(dp_cfg, "accountant", "rdp"))
-    delta = float(_get(dp_cfg, "delta", 1e-5))
-    z = resolve_noise_multiplier(dp_cfg, sample_rate, steps) if noise_multiplier is None \
-        else float(noise_multiplier)
+    _check_accountant(accountant)
+    clipping_norm = finite("clipping_norm", clipping_norm, strict=True)
+    epsilon = epsilon_spent(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps,
+                            delta=delta, accountant=accountant)
     return {
         "enabled": True,
-        "epsilon": epsilon_spent(z, sample_rate, steps, delta, accountant),
-        "delta": delta,
-        "noise_multiplier": z,
-        "clipping_norm": float(_get(dp_cfg, "clipping_norm", 1.0)),
+        "epsilon": epsilon,
+        "delta": float(delta),
+        "noise_multiplier": float(noise_multiplier),
+        "clipping_norm": clipping_norm,
         "sampling_rate": float(sample_rate),
         "rounds": int(steps),
         "accountant": accountant,

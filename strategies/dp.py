@@ -1,10 +1,10 @@
 """Task-level differential privacy for the shared encoder (CONTRACT §7).
 
 The unit of privacy is a *task*: each round every IN task is sampled independently
-with rate q (Poisson sampling, which is what the subsampled-Gaussian accountant
-assumes), each sampled task's whole encoder update is clipped to L2 norm C, the
-clipped updates are summed, N(0, (z*C)^2) noise is added per coordinate, and the
-sum is divided by the *expected* number of sampled tasks q*N (a constant, so the
+with rate q (Poisson sampling, in ``strategies.sampling``, which is what the
+subsampled-Gaussian accountant assumes), each sampled task's whole encoder update is
+clipped to L2 norm C, the clipped updates are summed, N(0, (z*C)^2) noise is added per
+coordinate, and the sum is divided by the *expected* number of sampled tasks q*N (a constant, so the
 divisor itself reveals nothing about who was sampled).
 
 Everything here is a pure function of tensors: updates arrive as one (n, p)
@@ -14,21 +14,20 @@ randomness comes from an explicit ``torch.Generator``. No Flower import.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from strategies._checks import finite, is_real, shown
 
 __all__ = [
     "DPAggregate",
     "clip_updates",
     "clipped_fraction",
     "dp_aggregate",
-    "flatten_tensors",
     "noised_sum",
-    "poisson_sample",
-    "unflatten_like",
     "update_norms",
 ]
 
@@ -37,22 +36,6 @@ def _check_generator(generator: torch.Generator) -> torch.Generator:
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator; got {type(generator).__name__}")
     return generator
-
-
-def poisson_sample(num_tasks: int, rate: float, generator: torch.Generator) -> Tensor:
-    """Ids of the tasks sampled this round, each independently with probability ``rate``.
-
-    Poisson (not fixed-size) sampling is what the subsampled-Gaussian RDP/PRV analysis
-    assumes, so the number sampled varies and may be 0. Returns a sorted CPU int64 tensor,
-    reproducible for a given generator state.
-    """
-    if num_tasks < 0:
-        raise ValueError(f"num_tasks must be >= 0; got {num_tasks}")
-    if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"sampling rate must be in [0, 1]; got {rate}")
-    _check_generator(generator)
-    draws = torch.rand(num_tasks, generator=generator, device=generator.device)
-    return torch.nonzero(draws < rate).flatten().to("cpu", torch.long)
 
 
 def update_norms(updates: Tensor) -> Tensor:
@@ -64,14 +47,13 @@ def update_norms(updates: Tensor) -> Tensor:
 
 def _clip(updates: Tensor, clipping_norm: float) -> tuple[Tensor, Tensor]:
     """(clipped updates, pre-clip norms); rows scaled by min(1, C/||row||)."""
-    if not clipping_norm > 0:
-        raise ValueError(f"dp.clipping_norm must be > 0; got {clipping_norm}")
+    finite("clipping_norm", clipping_norm, strict=True)
     norms = update_norms(updates)
     bad = ~torch.isfinite(norms)
     if bool(bad.any()):
         # A NaN/inf update cannot be scaled to a finite norm: the sensitivity bound breaks.
         rows = torch.nonzero(bad).flatten().tolist()
-        raise ValueError(f"non-finite update in row(s) {rows[:10]}: cannot clip to dp.clipping_norm")
+        raise ValueError(f"updates has non-finite row(s) {rows[:10]}: no scaling bounds them by clipping_norm")
     # A zero row gives C/0 = inf -> factor 1, so it stays zero (no NaN).
     factors = (clipping_norm / norms).clamp(max=1.0)
     return updates * factors.unsqueeze(1).to(updates.dtype), norms
@@ -104,10 +86,8 @@ def noised_sum(
     """
     if clipped.dim() != 2:
         raise ValueError(f"clipped must have shape (n, p); got {tuple(clipped.shape)}")
-    if not noise_multiplier >= 0:
-        raise ValueError(f"dp.noise_multiplier must be >= 0; got {noise_multiplier}")
-    if not clipping_norm > 0:
-        raise ValueError(f"dp.clipping_norm must be > 0; got {clipping_norm}")
+    finite("noise_multiplier", noise_multiplier)
+    finite("clipping_norm", clipping_norm, strict=True)
     _check_generator(generator)
     dtype = clipped.dtype if clipped.is_floating_point() else torch.get_default_dtype()
     total = clipped.sum(dim=0, dtype=dtype)
@@ -152,8 +132,8 @@ def dp_aggregate(
     by this constant rather than by n keeps the mean unbiased and the noise std at
     z*C/expected_tasks whatever n turns out to be.
     """
-    if not expected_tasks > 0:
-        raise ValueError(f"expected_tasks (q * num_in_tasks) must be > 0; got {expected_tasks}")
+    if not (is_real(expected_tasks) and math.isfinite(expected_tasks) and expected_tasks > 0):
+        raise ValueError(f"expected_tasks (q * num_in_tasks) must be a finite number > 0; got {shown(expected_tasks)}")
     clipped, norms = _clip(updates, clipping_norm)
     total = noised_sum(clipped, noise_multiplier, clipping_norm, generator)
     return DPAggregate(
@@ -162,32 +142,3 @@ def dp_aggregate(
         noise_std=float(noise_multiplier * clipping_norm / expected_tasks),
         clipping_norm=float(clipping_norm),
     )
-
-
-TensorsLike = Sequence[Tensor] | Mapping[str, Tensor]
-
-
-def flatten_tensors(tensors: TensorsLike) -> Tensor:
-    """Concatenate tensors (a list, or a dict in its key order) into one flat vector (p,).
-
-    Accepts numpy arrays too (e.g. Flower's ``ArrayRecord.to_numpy_ndarrays()``). Stack
-    several tasks with ``torch.stack([flatten_tensors(d) for d in dicts])``.
-    """
-    values = list(tensors.values()) if isinstance(tensors, Mapping) else list(tensors)
-    if not values:
-        return torch.empty(0)
-    return torch.cat([torch.as_tensor(t).reshape(-1) for t in values])
-
-
-def unflatten_like(vec: Tensor, template: TensorsLike) -> dict[str, Tensor] | list[Tensor]:
-    """Inverse of ``flatten_tensors``: split ``vec`` into the template's shapes and dtypes.
-
-    Returns a dict with the template's keys (same order) for a dict template, else a list.
-    """
-    is_map = isinstance(template, Mapping)
-    values = [torch.as_tensor(t) for t in (template.values() if is_map else template)]
-    sizes = [t.numel() for t in values]
-    if vec.dim() != 1 or vec.numel() != sum(sizes):
-        raise ValueError(f"vector of shape {tuple(vec.shape)} does not match template with {sum(sizes)} values")
-    parts = [p.reshape(t.shape).to(t.dtype) for p, t in zip(torch.split(vec, sizes), values)]
-    return dict(zip(template.keys(), parts)) if is_map else parts

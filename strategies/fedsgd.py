@@ -8,10 +8,12 @@ optimizer. The Flower strategy and the vectorised engine both drive this one cla
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 import torch
 
+from strategies._checks import finite, flag, integer, is_real, shown
 from strategies.dp import dp_aggregate
 from strategies.sampling import noise_generator
 
@@ -29,29 +31,53 @@ def flatten(grads: Sequence[Mapping[str, torch.Tensor]] | Mapping[str, torch.Ten
     return torch.stack([torch.cat([g[name].reshape(-1).float() for name in names]) for g in grads])
 
 
-class EncoderAggregator:
-    """Holds the released encoder and its optimizer; one ``step`` per training round."""
+OPTIMIZERS = ("sgd", "adamw")  # the server optimizers EncoderAggregator knows
 
-    def __init__(self, shared_state: Mapping[str, torch.Tensor], trainable: Sequence[str], federation: dict,
-                 dp: dict, num_tasks: int, seed: int, noise_multiplier: float | None = None):
+
+class EncoderAggregator:
+    """Holds the released encoder and its optimizer; one ``step`` per training round.
+
+    Takes plain values, checked once here (a ValueError names the parameter):
+    ``optimizer`` ("sgd" or "adamw") with ``lr``, ``weight_decay`` and (SGD only) ``momentum``;
+    ``grad_clip`` bounds the aggregate's L2 norm (0 = off); ``normalize_task_gradients``
+    scales each task's gradient to unit norm before averaging. With ``dp_enabled`` each task's
+    update is clipped to ``clipping_norm``, N(0, (noise_multiplier * clipping_norm)^2) noise is
+    added to the sum, and the sum is divided by ``expected_tasks`` (q * N = tasks_per_round).
+    ``seed`` seeds each round's noise (``strategies.sampling.noise_generator``).
+    """
+
+    def __init__(self, shared_state: Mapping[str, torch.Tensor], trainable: Sequence[str], *, seed: int,
+                 optimizer: str = "adamw", lr: float, weight_decay: float = 0.0, momentum: float = 0.0,
+                 grad_clip: float = 0.0, normalize_task_gradients: bool = False, dp_enabled: bool = False,
+                 clipping_norm: float = 1.0, noise_multiplier: float = 0.0, expected_tasks: float | None = None):
+        self.seed = integer("seed", seed, minimum=0)
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be 'sgd' or 'adamw'; got {optimizer!r}")
+        lr = finite("lr", lr, strict=True)
+        weight_decay = finite("weight_decay", weight_decay)
+        momentum = finite("momentum", momentum)
+        self.grad_clip = finite("grad_clip", grad_clip)
+        self.normalize = flag("normalize_task_gradients", normalize_task_gradients)
+        self.dp_enabled = flag("dp_enabled", dp_enabled)
+        self.clipping_norm = finite("clipping_norm", clipping_norm, strict=True)
+        self.noise_multiplier = finite("noise_multiplier", noise_multiplier)
+        valid = is_real(expected_tasks) and math.isfinite(expected_tasks) and expected_tasks > 0
+        if self.dp_enabled and not valid:
+            raise ValueError(f"expected_tasks must be > 0 when dp_enabled; got {shown(expected_tasks)}")
+        if expected_tasks is not None and not valid:
+            raise ValueError(f"expected_tasks must be a finite number > 0; got {shown(expected_tasks)}")
+        self.expected_tasks = None if expected_tasks is None else float(expected_tasks)  # q * N
         self.names = list(trainable)
+        missing = [name for name in self.names if name not in shared_state]
+        if missing:
+            raise ValueError(f"trainable names tensors that shared_state lacks: {missing[:10]}")
         self.params = {name: torch.nn.Parameter(shared_state[name].detach().clone().float()) for name in self.names}
         self.fixed = {name: t.detach().clone() for name, t in shared_state.items() if name not in self.params}
-        self.grad_clip = federation["grad_clip"]
-        self.normalize = federation["normalize_task_gradients"]
-        self.dp_enabled = dp["enabled"]
-        self.clipping_norm = dp["clipping_norm"]
-        self.noise_multiplier = dp["noise_multiplier"] if noise_multiplier is None else noise_multiplier
-        self.expected_tasks = federation["tasks_per_round"]  # q * N with q = tasks_per_round / N
-        self.num_tasks = num_tasks
-        self.seed = seed
         params = list(self.params.values())
-        if federation["server_optimizer"] == "adamw":
-            self.optimizer = torch.optim.AdamW(params, lr=federation["server_lr"],
-                                               weight_decay=federation["server_weight_decay"])
+        if optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         else:
-            self.optimizer = torch.optim.SGD(params, lr=federation["server_lr"], momentum=federation["server_momentum"],
-                                             weight_decay=federation["server_weight_decay"])
+            self.optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
     def state(self) -> dict[str, torch.Tensor]:
         """The encoder as released: trainable parameters and fixed tensors, detached."""
@@ -89,7 +115,8 @@ class EncoderAggregator:
     def step_mean(self, mean_grads: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """Apply an already averaged gradient (only valid when not ``needs_task_updates``)."""
         if self.needs_task_updates:
-            raise ValueError("DP and normalised task gradients need each task's update: use step()")
+            raise ValueError("mean_grads cannot be used with DP or normalised task gradients, which need "
+                             "each task's update: use step()")
         return self._apply(torch.cat([mean_grads[name].reshape(-1).float() for name in self.names]))
 
     def _apply(self, mean: torch.Tensor) -> dict[str, float]:
@@ -105,3 +132,10 @@ class EncoderAggregator:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"aggregate_norm": mean_norm}
+
+
+def round_row(server_round: int, *, warm: bool, tasks: Sequence[int], loss: float, seconds: float,
+              stats: Mapping[str, float]) -> dict:
+    """One round's line of the training log (metrics.json), the same from every engine."""
+    return {"round": server_round, "phase": "warm_start" if warm else "train", "tasks": list(tasks), "loss": loss,
+            "seconds": seconds, **stats}

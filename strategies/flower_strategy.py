@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from strategies.fedsgd import EncoderAggregator
+from strategies.fedsgd import EncoderAggregator, round_row
 from strategies.sampling import sample_round
 
 
@@ -29,7 +29,7 @@ class FederationError(RuntimeError):
 
 
 class FedSGDStrategy(Strategy):
-    def __init__(self, aggregator: EncoderAggregator, node_of_partition: dict[int, int], run_config_json: str,
+    def __init__(self, aggregator: EncoderAggregator, *, node_of_partition: dict[int, int], run_config_json: str,
                  tasks_per_round: int, warm_start_rounds: int, seed: int, dp_enabled: bool = False,
                  on_round: Callable[[dict], None] | None = None):
         self.aggregator = aggregator
@@ -71,14 +71,10 @@ class FedSGDStrategy(Strategy):
         if not self.is_warm_start(server_round):
             grads = [m.content["encoder-grad"].to_torch_state_dict() for m in replies]
             stats = self.aggregator.step(grads, server_round)
-        row = {
-            "round": server_round,
-            "phase": "warm_start" if self.is_warm_start(server_round) else "train",
-            "tasks": [int(m.content["metrics"]["partition-id"]) for m in replies],
-            "loss": sum(losses) / len(losses) if losses else float("nan"),
-            "seconds": time.perf_counter() - self._round_started,
-            **stats,
-        }
+        row = round_row(server_round, warm=self.is_warm_start(server_round),
+                        tasks=[int(m.content["metrics"]["partition-id"]) for m in replies],
+                        loss=sum(losses) / len(losses) if losses else float("nan"),
+                        seconds=time.perf_counter() - self._round_started, stats=stats)
         if self.on_round:
             self.on_round(row)
         metrics = MetricRecord({"loss": row["loss"], "num-tasks": len(replies)})

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from strategies._checks import is_real, shown
+
 
 def round_generator(seed: int, server_round: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 7_919 + server_round)
@@ -21,6 +23,8 @@ def sample_fixed(num_tasks: int, tasks_per_round: int, seed: int, server_round: 
 
 def sample_poisson(num_tasks: int, rate: float, seed: int, server_round: int) -> list[int]:
     """Each partition id independently with probability ``rate`` (DP's amplification needs this)."""
+    if not (is_real(rate) and 0.0 <= rate <= 1.0):
+        raise ValueError(f"rate must be in [0, 1]; got {shown(rate)}")
     keep = torch.rand(num_tasks, generator=round_generator(seed, server_round)) < rate
     return torch.nonzero(keep).flatten().tolist()
 

@@ -34,3 +34,21 @@ def lm_dir(tmp_path_factory):
     from text_fixtures import tiny_causal_lm
 
     return tiny_causal_lm(tmp_path_factory.mktemp("tinylm"))
+
+
+@pytest.fixture
+def flower_identity():
+    """Outside a running SuperNode, Flower needs its task identity set to build Messages:
+    set it through Flower's public setters, and restore it afterwards."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    before = {}
+    for name in ("run_id", "node_id", "task_id"):
+        try:
+            before[name] = getattr(TaskIdentity, name)
+        except RuntimeError:  # unset outside a Flower run
+            before[name] = None
+        setattr(TaskIdentity, name, 1)
+    yield
+    for name, value in before.items():
+        setattr(TaskIdentity, name, value)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from attacks import challenge_scores, draw_subsets, embed_pools, run_security_games, validate_attack_config, whiten_by_task
+from attacks import STATISTICS, challenge_scores, embed_pools, run_security_games, whiten_by_task
+from attacks.game import draw_subsets
 from attacks.grouping import pad_by_task
-from attacks.statistics import inner_product_statistic, variance_statistic
 
 D = 12
 METRIC_KEYS = {"auc", "auc_ci95", "tpr_at_fpr", "percentile", "k", "trials", "num_in_tasks", "num_out_tasks"}
@@ -37,7 +37,9 @@ def make_pools(rng, n_tasks, n, member):
 
 
 def cfg(**overrides):
-    return {"trials": 16, "k_strong": 6, "k_weak": 4, "whiten": False, "cosine": False, "bootstrap": 200, **overrides}
+    """Keyword arguments of run_security_games: a small game, quiet."""
+    return {"trials": 16, "k_strong": 6, "k_weak": 4, "whiten": False, "cosine": False, "bootstrap": 200,
+            "progress": lambda line: None, **overrides}
 
 
 @pytest.mark.parametrize("whiten,cosine", [(False, False), (True, False), (True, True)])
@@ -46,7 +48,7 @@ def test_members_that_cluster_are_detected(whiten, cosine):
     in_train, in_holdout = make_pools(rng, 24, 12, True), make_pools(rng, 24, 6, True)
     out = make_pools(rng, 24, 12, False)
     results, raw = run_security_games(identity_oracle, identity_oracle, {"strong": (in_train, out), "weak": (in_holdout, out)},
-                                      cfg(whiten=whiten, cosine=cosine), seed=1, progress=lambda line: None)
+                                      **cfg(whiten=whiten, cosine=cosine), seed=1)
     for statistic in ("variance", "inner_product"):
         assert results[statistic]["strong"]["auc"] > 0.9
         assert results[statistic]["weak"]["auc"] > 0.9
@@ -62,7 +64,7 @@ def test_oracle_blind_to_membership_gives_chance_auc():
     out = make_pools(rng, 128, 40, False)
     lines = []
     results, _ = run_security_games(identity_oracle, identity_oracle, {"strong": (in_train, out), "weak": (in_holdout, out)},
-                                    cfg(trials=16, whiten=True), seed=2, progress=lines.append)
+                                    **cfg(trials=16, whiten=True, progress=lines.append), seed=2)
     for statistic in ("variance", "inner_product"):
         for game in ("strong", "weak", "null_control"):
             metrics = results[statistic][game]
@@ -78,7 +80,7 @@ def test_metrics_fields_and_null_control_uses_null_oracle():
     in_train, in_holdout, out = make_pools(rng, 10, 8, True), make_pools(rng, 10, 5, True), make_pools(rng, 12, 8, False)
     blind = lambda batch: np.random.default_rng(len(batch)).normal(size=(len(batch), D))  # ignores its inputs
     results, _ = run_security_games(identity_oracle, blind, {"strong": (in_train, out), "weak": (in_holdout, out)},
-                                    cfg(k_strong=5, k_weak=3), seed=3, progress=lambda line: None)
+                                    **cfg(k_strong=5, k_weak=3), seed=3)
     strong, weak = results["variance"]["strong"], results["variance"]["weak"]
     assert (strong["k"], strong["trials"], strong["num_in_tasks"], strong["num_out_tasks"]) == (5, 16, 10, 12)
     assert weak["k"] == 3
@@ -92,32 +94,60 @@ def test_same_seed_same_results():
     rng = np.random.default_rng(3)
     pools = {"strong": (make_pools(rng, 6, 8, True), make_pools(rng, 6, 8, False))}
     pools["weak"] = (make_pools(rng, 6, 5, True), pools["strong"][1])
-    run = lambda seed: run_security_games(identity_oracle, identity_oracle, pools, cfg(whiten=True), seed, lambda line: None)[0]
+    run = lambda seed: run_security_games(identity_oracle, identity_oracle, pools, **cfg(whiten=True), seed=seed)[0]
     assert run(7) == run(7)
     assert run(7) != run(8)
 
 
-@pytest.mark.parametrize("key,value,pool", [("k_strong", 9, "strong"), ("k_weak", 6, "weak")])
-def test_k_larger_than_a_pool_is_rejected_by_name(key, value, pool):
-    rng = np.random.default_rng(4)
-    pools = {"strong": (make_pools(rng, 4, 8, True), make_pools(rng, 4, 8, False)),
-             "weak": (make_pools(rng, 4, 5, True), make_pools(rng, 4, 8, False))}
-    with pytest.raises(ValueError, match=f"attack.{key}"):
-        run_security_games(identity_oracle, identity_oracle, pools, cfg(**{key: value}), 0, lambda line: None)
+def small_pools(seed=4):
+    rng = np.random.default_rng(seed)
+    return {"strong": (make_pools(rng, 4, 8, True), make_pools(rng, 4, 8, False)),
+            "weak": (make_pools(rng, 4, 5, True), make_pools(rng, 4, 8, False))}
 
 
-def test_challenge_scores_names_k_key_and_side():
+@pytest.mark.parametrize("key,value,message", [
+    ("k_strong", 9, r"k_strong = 9 exceeds the smallest IN pool \(8 samples\)"),
+    ("k_weak", 6, r"k_weak = 6 exceeds the smallest IN pool \(5 samples\)"),
+    ("k_strong", 1, r"k_strong must be an integer >= 2 .*; got 1"),
+    ("k_weak", 2.0, r"k_weak must be an integer >= 2 .*; got 2.0"),
+])
+def test_bad_k_is_rejected_by_its_parameter_name(key, value, message):
+    with pytest.raises(ValueError, match="^" + message):
+        run_security_games(identity_oracle, identity_oracle, small_pools(), **cfg(**{key: value}), seed=0)
+
+
+def test_challenge_scores_names_k_and_side():
     emb, task_index = np.random.default_rng(5).normal(size=(20, 3)), np.repeat(np.arange(4), [6, 6, 3, 5])
-    with pytest.raises(ValueError, match=r"attack.k_weak = 4 exceeds the smallest OUT pool \(3 samples\)"):
-        challenge_scores(emb, task_index, 2, 4, 5, np.random.default_rng(0), k_key="attack.k_weak")
+    with pytest.raises(ValueError, match=r"^k_weak = 4 exceeds the smallest OUT pool \(3 samples\)"):
+        challenge_scores(emb, task_index, 2, 4, 5, np.random.default_rng(0), k_name="k_weak")
+    with pytest.raises(ValueError, match=r"^k must be an integer >= 2"):
+        challenge_scores(emb, task_index, 2, 1, 5, np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"^n_in_tasks "):
+        challenge_scores(emb, task_index, 4, 2, 5, np.random.default_rng(0))
 
 
-@pytest.mark.parametrize("bad", [{"trials": 0}, {"k_strong": 1}, {"whiten": "yes"}, {"whiten_lambda": -1.0},
-                                 {"bootstrap": 0}, {"trials": 2.5}])
-def test_invalid_attack_config_names_the_key(bad):
-    key = next(iter(bad))
-    with pytest.raises(ValueError, match=f"attack.{key}"):
-        validate_attack_config(cfg(**bad))
+@pytest.mark.parametrize("bad,message", [
+    ({"trials": 0}, "trials must be an integer >= 1; got 0"),
+    ({"trials": 2.5}, "trials must be an integer >= 1; got 2.5"),
+    ({"trials": True}, "trials must be an integer >= 1; got True"),
+    ({"bootstrap": 0}, "bootstrap must be an integer >= 1; got 0"),
+    ({"batch_size": 0}, "batch_size must be an integer >= 1; got 0"),
+    ({"whiten": "yes"}, "whiten must be True or False; got 'yes'"),
+    ({"cosine": 1}, "cosine must be True or False; got 1"),
+    ({"whiten_lambda": -1.0}, "whiten_lambda must be a finite number >= 0; got -1.0"),
+    ({"whiten_lambda": float("nan")}, "whiten_lambda must be a finite number >= 0; got nan"),
+])
+def test_invalid_parameters_are_rejected_before_any_oracle_call(bad, message):
+    oracle = CountingOracle()
+    with pytest.raises(ValueError) as error:
+        run_security_games(oracle, oracle, small_pools(), **cfg(**bad), seed=0)
+    assert str(error.value) == message
+    assert oracle.rows == 0
+
+
+def test_parameters_are_keyword_only():
+    with pytest.raises(TypeError):
+        run_security_games(identity_oracle, identity_oracle, small_pools(), 16, 6, 4, 0)
 
 
 def test_subsets_are_k_distinct_samples_of_one_task():
@@ -143,7 +173,9 @@ def test_scores_are_the_statistics_of_the_drawn_subsets(whiten, cosine):
     padded, counts = pad_by_task(reference, task_index)
     slots = draw_subsets(counts, 5, 11, np.random.default_rng(8))
     subsets = padded[np.arange(5)[:, None], slots]  # (trials, tasks, k, d)
-    for name, expected in (("variance", variance_statistic(subsets)), ("inner_product", inner_product_statistic(subsets, cosine))):
+    assert list(scores) == list(STATISTICS) == ["variance", "inner_product"]
+    for name, statistic in STATISTICS.items():
+        expected = statistic.on_embeddings(subsets, cosine=cosine)
         np.testing.assert_allclose(scores[name]["in"], expected.T[:2], rtol=1e-9)
         np.testing.assert_allclose(scores[name]["out"], expected.T[2:], rtol=1e-9)
 
@@ -162,7 +194,7 @@ def test_shared_out_pools_are_embedded_once_per_oracle():
     out = make_pools(rng, 5, 8, False)
     pools = {"strong": (make_pools(rng, 5, 8, True), out), "weak": (make_pools(rng, 5, 6, True), out)}
     oracle, null = CountingOracle(), CountingOracle()
-    run_security_games(oracle, null, pools, cfg(trials=4), 0, lambda line: None)
+    run_security_games(oracle, null, pools, **cfg(trials=4, batch_size=3), seed=0)
     assert oracle.rows == 5 * 8 + 5 * 6 + 5 * 8
     assert null.rows == 5 * 8 + 5 * 8
 

@@ -1,7 +1,8 @@
-"""ROC metrics with exactly known answers (CONTRACT §5 threshold rules) and the task bootstrap."""
+"""ROC metrics with exactly known answers (CONTRACT §5 threshold rules), against scikit-learn, and the task bootstrap."""
 
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from attacks import auc_bootstrap_ci, roc_curve_points, roc_metrics
 from attacks.metrics import _resample_counts, bootstrap_aucs, mann_whitney_auc, task_pair_u_matrix
@@ -62,10 +63,14 @@ def test_percentile_counts_out_scores_above_threshold():
 
 
 def test_metrics_reject_nan_and_empty():
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ValueError, match="^scores_in contains NaN"):
         roc_metrics([np.nan, 1.0], [0.0])
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match="^scores_in is empty"):
         roc_metrics([], [0.0])
+    with pytest.raises(ValueError, match="^scores_out must be a \\(tasks, trials\\) array"):
+        task_pair_u_matrix(np.zeros((2, 3)), np.zeros(3))
+    with pytest.raises(ValueError, match="^n_boot must be >= 1"):
+        auc_bootstrap_ci(np.zeros((2, 3)), np.ones((2, 3)), 0)
 
 
 @pytest.mark.parametrize("discrete", [False, True])
@@ -115,3 +120,66 @@ def test_roc_curve_points_area_equals_auc():
     assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
     area = np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2)
     assert area == pytest.approx(mann_whitney_auc(x, y), abs=1e-12)
+
+
+def random_scores(rng, discrete):
+    """IN and OUT scores of random sizes and shapes; discrete ones tie within and across the two sets."""
+    n_in, n_out = rng.integers(1, 80, size=2)
+    if discrete:
+        return rng.integers(0, 7, size=n_in).astype(float), rng.integers(0, 5, size=n_out).astype(float)
+    return rng.normal(0.4, 1.0, size=n_in), rng.normal(0.0, 1.0, size=n_out)
+
+
+def sklearn_inputs(x, y):
+    x, y = np.ravel(x), np.ravel(y)
+    return np.concatenate((np.ones(x.size), np.zeros(y.size))), np.concatenate((x, y))
+
+
+@pytest.mark.parametrize("discrete", [False, True])
+@pytest.mark.parametrize("seed", range(5))
+def test_auc_matches_sklearn_roc_auc_score(seed, discrete):
+    rng = np.random.default_rng(100 + seed)
+    for _ in range(20):
+        x, y = random_scores(rng, discrete)
+        expected = roc_auc_score(*sklearn_inputs(x, y))
+        assert mann_whitney_auc(x, y) == pytest.approx(expected, abs=1e-12)
+        assert roc_metrics(x, y)["auc"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_auc_matches_sklearn_on_task_by_trial_arrays():
+    rng = np.random.default_rng(6)
+    x, y = np.round(rng.normal(0.3, 1, size=(13, 7)), 1), np.round(rng.normal(0, 1, size=(17, 7)), 1)
+    assert roc_metrics(x, y)["auc"] == pytest.approx(roc_auc_score(*sklearn_inputs(x, y)), abs=1e-12)
+
+
+@pytest.mark.parametrize("discrete", [False, True])
+@pytest.mark.parametrize("seed", range(5))
+def test_roc_curve_points_equal_sklearn_roc_curve(seed, discrete):
+    # Both start at (0, 0) and, with drop_intermediate=False, keep one point per distinct score;
+    # the rates are exact integer ratios, so they agree to the last bit.
+    rng = np.random.default_rng(200 + seed)
+    for _ in range(20):
+        x, y = random_scores(rng, discrete)
+        fpr, tpr = roc_curve_points(x, y)
+        expected_fpr, expected_tpr, _ = roc_curve(*sklearn_inputs(x, y), drop_intermediate=False)
+        np.testing.assert_array_equal(fpr, expected_fpr)
+        np.testing.assert_array_equal(tpr, expected_tpr)
+
+
+def test_sklearn_default_curve_is_a_subset_with_the_same_area():
+    rng = np.random.default_rng(7)
+    x, y = np.round(rng.normal(0.5, 1, 300), 1), np.round(rng.normal(0, 1, 400), 1)
+    fpr, tpr = roc_curve_points(x, y)
+    kept_fpr, kept_tpr, _ = roc_curve(*sklearn_inputs(x, y))  # drops collinear points
+    assert kept_fpr.size < fpr.size
+    assert set(zip(kept_fpr, kept_tpr)) <= set(zip(fpr, tpr))
+    area = np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2)
+    kept_area = np.sum(np.diff(kept_fpr) * (kept_tpr[1:] + kept_tpr[:-1]) / 2)
+    assert area == pytest.approx(kept_area, abs=1e-12)
+
+
+def test_planted_shift_gives_the_gaussian_auc():
+    # IN ~ N(1, 1), OUT ~ N(0, 1): AUC = Phi(1 / sqrt(2)) = 0.7602...; 20000 x 20000 points pin it to ~0.003.
+    rng = np.random.default_rng(8)
+    x, y = rng.normal(1.0, 1.0, 20_000), rng.normal(0.0, 1.0, 20_000)
+    assert roc_metrics(x, y)["auc"] == pytest.approx(0.760250, abs=0.01)

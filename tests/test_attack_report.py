@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from attacks import format_tables, write_report
+from attacks import format_tables, markdown_table, write_report
 from attacks.report import load_raw_scores, save_raw_scores
 
 RESULTS = {
@@ -61,3 +61,19 @@ def test_raw_scores_round_trip(tmp_path):
     loaded = load_raw_scores(tmp_path / "scores.npz")
     np.testing.assert_array_equal(loaded["inner_product"]["weak"]["out"], raw["inner_product"]["weak"]["out"])
     assert set(loaded) == set(raw) and set(loaded["variance"]) == set(raw["variance"])
+
+
+def test_markdown_table_pads_columns():
+    assert markdown_table(["a", "long header"], [["wide cell", 1], ["x", 2.5]]).splitlines() == [
+        "| a         | long header |",
+        "|-----------|-------------|",
+        "| wide cell | 1           |",
+        "| x         | 2.5         |",
+    ]
+    assert markdown_table(["only"], []) == "| only |\n|------|"
+
+
+def test_configuration_line_lists_the_summary_keys_present(tmp_path):
+    config = {"data": {"name": "synthetic", "num_in_tasks": 8}, "model": "not a section", "attack": {"cosine": False}}
+    report = write_report({**RESULTS, "config": config}, None, tmp_path).read_text()
+    assert report.splitlines()[2] == "`data.name` = synthetic, `data.num_in_tasks` = 8, `attack.cosine` = False"

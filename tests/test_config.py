@@ -2,7 +2,7 @@
 import pytest
 
 import run
-from fedtask.config import ConfigError, load_config, parse_set, to_toml
+from fedtask.config import ConfigError, from_dict, load_config, parameter_error, parse_set, to_toml, with_overrides
 
 
 def run_cli(capsys, *argv):
@@ -57,8 +57,8 @@ def test_set_values_are_typed_as_toml():
     assert parse_set("dp.enabled=true") == ("dp.enabled", True)
     assert parse_set("data.name=femnist") == ("data.name", "femnist")
     config = load_config("configs/synthetic.toml", ["federation.server_lr=1", "seed=3"])
-    assert config["federation"]["server_lr"] == 1.0 and isinstance(config["federation"]["server_lr"], float)
-    assert config["seed"] == 3
+    assert config.federation.server_lr == 1.0 and isinstance(config.federation.server_lr, float)
+    assert config.seed == 3
 
 
 def test_resolved_config_round_trips_through_toml(tmp_path):
@@ -71,3 +71,29 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
 def test_boolean_is_not_an_integer():
     with pytest.raises(ConfigError, match="federation.rounds"):
         load_config(None, ["federation.rounds=true"])
+
+
+def test_overrides_keep_the_config_typed_and_hashable():
+    # the task cache is keyed by the frozen sections: every way of making a config must give hashable ones
+    config = load_config("configs/synthetic.toml", ["model.lora_targets=[\"a\"]"])
+    changed = with_overrides(config, {"dp.enabled": True})
+    assert changed.model.lora_targets == ("a",) and changed.dp.enabled and not config.dp.enabled
+    assert hash(changed.model) == hash(config.model)
+    assert from_dict(changed.to_dict()) == changed
+
+
+@pytest.mark.parametrize("assignment, key", [
+    ("federation.server_lr=inf", "federation.server_lr"),
+    ("dp.noise_multiplier=nan", "dp.noise_multiplier"),
+    ("seed=-1", "seed"),
+    ("seed=18446744073709551616", "seed"),
+])
+def test_non_finite_and_out_of_range_values_are_refused(assignment, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("configs/synthetic.toml", [assignment])
+
+
+def test_library_errors_name_the_configuration_key():
+    error = parameter_error(ValueError("target_epsilon=0.1 cannot be reached"), {"target_epsilon": "dp.target_epsilon"})
+    assert str(error) == "dp.target_epsilon: target_epsilon=0.1 cannot be reached"
+    assert str(parameter_error(ValueError("k must not exceed samples"), {"k": "--k"})).startswith("--k: k must")

@@ -1,18 +1,19 @@
-"""Task-level DP aggregation (CONTRACT §7): clipping, noise scale, Poisson sampling."""
+"""Task-level DP aggregation (CONTRACT §7): clipping, noise scale, validation.
+
+Poisson sampling of tasks lives in strategies/sampling.py (tested in test_fedsgd.py).
+"""
 
 import math
 
 import pytest
 import torch
 
+import strategies.dp as dp
 from strategies.dp import (
     clip_updates,
     clipped_fraction,
     dp_aggregate,
-    flatten_tensors,
     noised_sum,
-    poisson_sample,
-    unflatten_like,
 )
 
 
@@ -94,57 +95,48 @@ def test_same_seed_same_aggregate():
     assert torch.equal(a, dp_aggregate(u, 1.0, 1.1, 3.0, _gen(7)).update)
 
 
-def test_poisson_sampling_rate_is_right_on_average():
-    n, q, rounds = 1000, 0.05, 400
-    g = _gen(3)
-    counts = torch.zeros(n)
-    sizes = []
-    for _ in range(rounds):
-        ids = poisson_sample(n, q, g)
-        assert ids.dtype == torch.long
-        assert torch.equal(ids, ids.unique())  # sorted ascending, no repeats
-        assert ids.numel() == 0 or (0 <= ids.min() and ids.max() < n)
-        counts[ids] += 1
-        sizes.append(ids.numel())
-    sizes = torch.tensor(sizes, dtype=torch.float64)
-    # mean sample size n*q, with its standard error sqrt(n q (1-q) / rounds) ~ 0.34
-    assert abs(sizes.mean().item() - n * q) < 4 * math.sqrt(n * q * (1 - q) / rounds)
-    # sizes vary binomially (Poisson sampling, not a fixed tasks_per_round)
-    assert sizes.var().item() == pytest.approx(n * q * (1 - q), rel=0.2)
-    # every task is included at rate q: per-task frequencies are Binomial(rounds, q)
-    freq = counts / rounds
-    assert (freq - q).abs().max().item() < 5 * math.sqrt(q * (1 - q) / rounds)
-
-
-def test_poisson_sampling_is_reproducible_with_the_same_seed():
-    def draws(seed):
-        g = _gen(seed)
-        return [poisson_sample(500, 0.1, g) for _ in range(20)]
-
-    a, b, c = draws(11), draws(11), draws(12)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert not all(torch.equal(x, y) for x, y in zip(a, c))
-
-
-def test_poisson_sampling_edge_rates():
-    assert poisson_sample(50, 0.0, _gen(0)).numel() == 0
-    assert torch.equal(poisson_sample(50, 1.0, _gen(0)), torch.arange(50))
-    with pytest.raises(ValueError):
-        poisson_sample(50, 1.5, _gen(0))
-
-
 def test_invalid_inputs_are_rejected():
     u = _updates_with_norms([1.0, 2.0])
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(ValueError, match=r"^updates has non-finite row\(s\) \[0\]"):
         clip_updates(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), 1.0)
-    with pytest.raises(ValueError, match="dp.clipping_norm"):
+    with pytest.raises(ValueError, match=r"^clipping_norm must be a finite number > 0; got 0\.0$"):
         clip_updates(u, 0.0)
-    with pytest.raises(ValueError, match="dp.noise_multiplier"):
+    with pytest.raises(ValueError, match=r"^noise_multiplier must be a finite number >= 0; got -1\.0$"):
         dp_aggregate(u, 1.0, -1.0, 2.0, _gen(0))
-    with pytest.raises(ValueError, match="expected_tasks"):
+    with pytest.raises(ValueError, match=r"^expected_tasks \(q \* num_in_tasks\) must be a finite number > 0; got 0\.0$"):
         dp_aggregate(u, 1.0, 1.0, 0.0, _gen(0))
-    with pytest.raises(ValueError, match=r"\(n, p\)"):
+    with pytest.raises(ValueError, match=r"^updates must have shape \(n, p\)"):
         clip_updates(torch.ones(3), 1.0)
+    with pytest.raises(ValueError, match=r"^clipped must have shape \(n, p\)"):
+        noised_sum(torch.ones(3), 1.0, 1.0, _gen(0))
+    with pytest.raises(TypeError, match=r"^generator must be a torch\.Generator"):
+        noised_sum(u, 1.0, 1.0, 0)
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda u: clip_updates(u, math.inf), r"clipping_norm must be a finite number > 0; got inf"),
+        (lambda u: clip_updates(u, math.nan), r"clipping_norm must be a finite number > 0; got nan"),
+        (lambda u: noised_sum(u, math.inf, 1.0, _gen(0)), r"noise_multiplier must be a finite number >= 0; got inf"),
+        (lambda u: noised_sum(u, math.nan, 1.0, _gen(0)), r"noise_multiplier must be a finite number >= 0; got nan"),
+        (lambda u: noised_sum(u, 1.0, math.inf, _gen(0)), r"clipping_norm must be a finite number > 0; got inf"),
+        (lambda u: dp_aggregate(u, 1.0, 1.0, math.inf, _gen(0)),
+         r"expected_tasks \(q \* num_in_tasks\) must be a finite number > 0; got inf"),
+        (lambda u: dp_aggregate(u, 1.0, 1.0, None, _gen(0)),
+         r"expected_tasks \(q \* num_in_tasks\) must be a finite number > 0; got None"),
+        (lambda u: dp_aggregate(u, 0.0, 1.0, 2.0, _gen(0)), r"clipping_norm must be a finite number > 0; got 0\.0"),
+    ],
+)
+def test_non_finite_parameters_are_refused_by_name(call, message):
+    with pytest.raises(ValueError, match="^" + message + "$"):
+        call(_updates_with_norms([1.0, 2.0]))
+
+
+def test_dead_helpers_are_gone():
+    for name in ("poisson_sample", "flatten_tensors", "unflatten_like"):
+        assert not hasattr(dp, name) and name not in dp.__all__
+    assert all(hasattr(dp, name) for name in dp.__all__)
 
 
 def test_clipped_fraction():
@@ -152,24 +144,17 @@ def test_clipped_fraction():
     assert clipped_fraction(torch.empty(0), 1.0) == 0.0
 
 
-def test_flatten_and_unflatten_round_trip():
+def test_aggregating_per_task_parameter_dicts_matches_their_stacked_matrix():
     g = _gen(0)
-    params = {
-        "w": torch.randn(3, 4, generator=g),
-        "b": torch.randn(5, generator=g, dtype=torch.float64),
-        "s": torch.randn((), generator=g),
-    }
-    vec = flatten_tensors(params)
-    assert vec.shape == (12 + 5 + 1,)
-    back = unflatten_like(vec, params)
-    assert list(back) == ["w", "b", "s"]
-    for k in params:
-        assert back[k].shape == params[k].shape and back[k].dtype == params[k].dtype
-        torch.testing.assert_close(back[k], params[k])
-    as_list = unflatten_like(vec, list(params.values()))
-    assert isinstance(as_list, list) and torch.equal(flatten_tensors(as_list), vec)
-    with pytest.raises(ValueError):
-        unflatten_like(vec[:-1], params)
+    tasks = [{"w": torch.randn(3, 4, generator=g), "b": torch.randn(5, generator=g), "s": torch.randn((), generator=g)}
+             for _ in range(4)]
+    rows = torch.stack([torch.cat([t[k].reshape(-1) for k in ("w", "b", "s")]) for t in tasks])
+    assert rows.shape == (4, 12 + 5 + 1)
+    # the same matrix built parameter by parameter (the vectorised engine's stacked layout)
+    stacked = torch.cat([torch.stack([t[k] for t in tasks]).reshape(4, -1) for k in ("w", "b", "s")], dim=1)
+    assert torch.equal(rows, stacked)
+    a = dp_aggregate(rows, 1.0, 0.7, 4.0, _gen(3)).update
+    assert torch.equal(a, dp_aggregate(stacked, 1.0, 0.7, 4.0, _gen(3)).update)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -17,9 +17,8 @@ from scipy import stats
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
-from strategies.dp import clip_updates, dp_aggregate, flatten_tensors, unflatten_like
+from strategies.dp import clip_updates, dp_aggregate
 
 SHAPES = {"w": (8, 8), "b": (8,)}
 NODES = [101, 102, 103, 104, 105]
@@ -35,16 +34,22 @@ class _FakeGrid:
 
 
 @pytest.fixture
-def flower_env(monkeypatch, caplog):
-    """Identity for building Messages outside a run; quiet logs; restore numpy's RNG."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+def flower_env(flower_identity, caplog):
+    """Quiet logs; numpy's RNG seeded for Flower's noise and restored afterwards."""
     caplog.set_level(logging.WARNING, logger="flwr")
     state = np.random.get_state()
     np.random.seed(2024)  # Flower draws its noise from numpy's global RNG
     yield
     np.random.set_state(state)
+
+
+def flatten_tensors(tensors: dict) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors.values()])
+
+
+def unflatten_like(vec: torch.Tensor, template: dict) -> dict:
+    parts = torch.split(vec, [t.numel() for t in template.values()])
+    return {name: part.reshape(t.shape) for (name, t), part in zip(template.items(), parts)}
 
 
 def _fixed_problem():

@@ -1,6 +1,7 @@
 """dp-sweep end to end (vectorised engine, tiny): one run per budget, three files, budgets honoured."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -32,7 +33,9 @@ def test_short_sweep_writes_its_three_files(tmp_path):
     assert rows[2]["noise_multiplier"] > rows[1]["noise_multiplier"] > 0  # less budget, more noise
     for row in rows:
         assert set(row["auc"]) == {"variance", "inner_product"}
-        assert all(0 <= row["auc"][a][g] <= 1 for a in row["auc"] for g in ("strong", "weak"))
+        results = json.loads((out / Path(row["run"]).name / "results.json").read_text())
+        assert row["auc"] == {a: {g: results["attacks"][a][g]["auc"] for g in ("strong", "weak")} for a in row["auc"]}
+        assert row["in_task_accuracy"] == results["utility"]["in_task_accuracy"]
         assert (out / f"eps_{'inf' if row['target_epsilon'] == 'inf' else format(row['target_epsilon'], 'g')}"
                 / "results.json").is_file()
 

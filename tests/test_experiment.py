@@ -15,14 +15,14 @@ def default_run(tmp_path_factory):
     """The default synthetic config, trained and attacked."""
     out = tmp_path_factory.mktemp("default") / "run"
     config = load_config("configs/synthetic.toml", FAST + ["attack.bootstrap=200"])
-    pipeline.experiment(config, out)
+    pipeline.run_experiment(config, out)
     return out
 
 
 def test_the_synthetic_config_learns(tmp_path):
     # with enough samples per task the heads clearly beat chance and the majority-label baseline
     config = load_config("configs/synthetic.toml", FAST + ["data.train_samples_per_task=64", "federation.rounds=120"])
-    results = pipeline.train(config, tmp_path / "run", progress=None)
+    results = pipeline.run_training(config, tmp_path / "run", on_round=None)
     utility = results["utility"]
     assert utility["in_task_accuracy"] > 0.8
     assert utility["in_task_accuracy"] > utility["majority_baseline_accuracy"] + 0.05

@@ -1,11 +1,11 @@
-"""Real Flower simulations on Ray (few and small): determinism, and equality with the vectorised engine."""
+"""Real Flower simulations on Ray (two, small): the contract's outputs, and equality with the vectorised engine."""
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedtask import pipeline
+from fedtask.pipeline import run_training
 from fedtask.config import load_config
 from fedtask.data import load_tasks
 from fedtask.models import build_model, initial_private_state
@@ -22,10 +22,11 @@ DP = ["dp.enabled=true", "dp.noise_multiplier=0.8", "dp.clipping_norm=0.5"]
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("sim")
     out = {}
-    for name, engine, extra in (("flower_a", "flower", []), ("flower_b", "flower", []), ("vector", "vectorized", []),
-                                ("flower_dp", "flower", DP + REFRESH), ("vector_dp", "vectorized", DP + REFRESH)):
+    for name, engine, extra in (("flower_a", "flower", []), ("vector", "vectorized", []),
+                                ("vector_again", "vectorized", []), ("flower_dp", "flower", DP + REFRESH),
+                                ("vector_dp", "vectorized", DP + REFRESH)):
         config = load_config("configs/synthetic.toml", TINY + extra + [f'federation.engine="{engine}"'])
-        pipeline.train(config, root / name, progress=None)
+        run_training(config, root / name, on_round=None)
         out[name] = root / name
     return out
 
@@ -43,9 +44,10 @@ def max_diff(a, b):
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def test_same_seed_gives_identical_encoder(runs):
-    a, b = encoder(runs["flower_a"]), encoder(runs["flower_b"])
-    assert all(torch.equal(a[k], b[k]) for k in a)
+def test_same_seed_gives_identical_files(runs):
+    # Flower equals the vectorised engine (below); the vectorised engine repeats itself byte for byte
+    for name in ("encoder.safetensors", "encoder_init.safetensors"):
+        assert (runs["vector"] / name).read_bytes() == (runs["vector_again"] / name).read_bytes(), name
     assert max_diff(encoder(runs["flower_a"]), load_file(str(runs["flower_a"] / "encoder_init.safetensors"))) > 1e-4
 
 
@@ -55,7 +57,6 @@ def test_outputs_follow_the_contract(runs):
         assert (run / name).is_file(), name
     assert len(heads(run)) == 6  # every IN task's head, written by its client
     results = json.loads((run / "results.json").read_text())
-    assert 0.0 <= results["utility"]["in_task_accuracy"] <= 1.0
     assert results["privacy"]["enabled"] is False
     rounds = json.loads((run / "metrics.json").read_text())["rounds"]
     assert [r["phase"] for r in rounds] == ["warm_start"] * 2 + ["train"] * 4
@@ -66,12 +67,12 @@ def test_heads_persist_across_rounds(runs):
     # a head trained in several rounds is no longer the fresh one, and equals what the
     # vectorised engine (which keeps every head across rounds explicitly) ends with
     config = load_config("configs/synthetic.toml", TINY)
-    model = build_model(config, load_tasks(config))
+    model = build_model(config, load_tasks(config).spec)
     flower_heads = heads(runs["flower_a"])
     rounds = json.loads((runs["flower_a"] / "metrics.json").read_text())["rounds"]
     sampled = {t for r in rounds for t in r["tasks"]}
     for pid, (name, head) in enumerate(flower_heads.items()):
-        fresh = initial_private_state(model, pid, config["seed"])
+        fresh = initial_private_state(model, pid, config.seed)
         moved = not torch.equal(head["head.weight"], fresh["head.weight"])
         assert moved == (pid in sampled), name
     assert max_diff(flower_heads.popitem()[1], heads(runs["vector"]).popitem()[1]) < 1e-5
@@ -95,3 +96,11 @@ def test_dp_run_reports_its_privacy_spend(runs):
     assert 0 < privacy["epsilon"] < float("inf")
     # DP noise moved the encoder away from the noiseless run
     assert max_diff(encoder(runs["flower_dp"]), encoder(runs["flower_a"])) > 1e-4
+
+
+def test_learning_happened(runs):
+    # the refreshed heads beat the majority label on held-out samples, and each task has its own head
+    utility = json.loads((runs["flower_dp"] / "results.json").read_text())["utility"]
+    assert utility["in_task_accuracy"] > utility["majority_baseline_accuracy"]
+    weights = [head["head.weight"] for head in heads(runs["flower_dp"]).values()]
+    assert all(not torch.equal(weights[0], other) for other in weights[1:])

@@ -13,18 +13,18 @@ from fedtask.models import build_model, initial_private_state
 def setup():
     config = load_config(None, ["data.num_in_tasks=4", "data.num_out_tasks=2", "federation.tasks_per_round=2"])
     taskset = load_tasks(config)
-    model = build_model(config, taskset)
+    model = build_model(config, taskset.spec)
     return config, taskset, model
 
 
 def test_encoder_gradient_matches_plain_autograd():
     config, taskset, model = setup()
     task = taskset.in_tasks[1]
-    private = initial_private_state(model, 1, config["seed"])
+    private = initial_private_state(model, 1, config.seed)
     shared = model.shared_state()
     grads, loss = task_math.encoder_gradient(model, shared, private, task.train_x, task.train_y,
                                              model.shared_parameter_names())
-    reference = build_model(config, taskset)
+    reference = build_model(config, taskset.spec)
     reference.load_state_dict({**shared, **private})
     ref_loss = torch.nn.functional.cross_entropy(reference(task.train_x), task.train_y)
     ref_loss.backward()
@@ -39,7 +39,7 @@ def test_head_steps_lower_the_task_loss_and_leave_the_encoder_alone():
     config, taskset, model = setup()
     task = taskset.in_tasks[0]
     shared = model.shared_state()
-    private = initial_private_state(model, 0, config["seed"])
+    private = initial_private_state(model, 0, config.seed)
     before = task_math.task_loss(model, shared, private, task.train_x, task.train_y)
     new = task_math.head_steps(model, shared, private, task.train_x, task.train_y, lr=0.5, weight_decay=0.0, steps=20)
     after = task_math.task_loss(model, shared, new, task.train_x, task.train_y)

@@ -125,7 +125,7 @@ def test_gpu_presets_run_their_code_path_on_fixtures(preset, table, bert_dir, lm
         "model": {"pretrained_path": str(lm_dir if preset == "reddit" else bert_dir), "random_init": True},
         "federation": {"tasks_per_round": 2, "num_gpus_per_client": 0.0}, "attack": {"k_strong": 4, "k_weak": 4}})
     taskset = load_taskset(config)
-    model = build_model(config, taskset)
+    model = build_model(config, taskset.spec)
     task = taskset.in_tasks[0]
     private, grads, loss = task_math.local_round(
         model, model.shared_state(), initial_private_state(model, 0, 0), task.train_x, task.train_y,

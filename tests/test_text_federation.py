@@ -32,9 +32,12 @@ def test_shakespeare_char_lstm_federation_trains_and_is_attacked(tmp_path):
         "data": {"num_in_tasks": 4, "num_out_tasks": 4, "train_samples_per_task": 8, "holdout_samples_per_task": 4},
         "model": {"lstm_hidden": 16}, "federation": FEDERATION, "attack": ATTACK})
     run = tmp_path / "run"
-    results = pipeline.experiment(config, run)
+    results = pipeline.run_experiment(config, run)
     assert set(results["attacks"]) == {"variance", "inner_product"}
-    assert all(0 <= results["attacks"][s][g]["auc"] <= 1 for s in results["attacks"] for g in ("strong", "weak"))
+    for games in results["attacks"].values():
+        for metrics in games.values():  # every game played on all 4 + 4 tasks, its AUC inside its interval
+            assert (metrics["num_in_tasks"], metrics["num_out_tasks"], metrics["trials"]) == (4, 4, 8)
+            assert metrics["auc_ci95"][0] <= metrics["auc"] <= metrics["auc_ci95"][1]
     saved = heads(run)
     assert len(saved) == 4 and all(set(h) == {"head.weight", "head.bias"} for h in saved.values())
     assert all(h["head.weight"].shape == (82, 16) for h in saved.values())  # the character vocabulary
@@ -62,31 +65,31 @@ def test_lora_adapters_persist_in_their_clients_and_never_reach_the_server(tmp_p
 
     monkeypatch.setattr(EncoderAggregator, "step", recording_step)  # the ServerApp runs in this process
     run = tmp_path / "run"
-    pipeline.train(config, run, progress=None)
+    pipeline.run_training(config, run, on_round=None)
 
     taskset = load_tasks(config)
-    model = build_model(config, taskset)
+    model = build_model(config, taskset.spec)
     shared = model.shared_state()
     shared_names = set(model.shared_parameter_names())
     assert len(aggregated) == 4 and all(keys == shared_names for keys in aggregated)  # round 2: 4 tasks
     assert not any("lora_" in k or k.startswith("head.") for k in load_file(str(run / "encoder.safetensors")))
 
-    fed = config["federation"]
+    fed = config.federation
     saved = heads(run)
     assert len(saved) == 4
     for pid, (name, adapter) in enumerate(saved.items()):
         assert any("lora_B" in k for k in adapter) and all("lora_" in k or k.startswith("head.") for k in adapter)
         task = taskset.in_tasks[pid]
-        fresh = initial_private_state(model, pid, config["seed"])
+        fresh = initial_private_state(model, pid, config.seed)
         # round 1 (warm start) and round 2 both see the initial encoder: replay the client's two rounds
-        after_1, _, _ = task_math.local_round(model, shared, fresh, task.train_x, task.train_y, fed["head_lr"],
-                                              fed["head_weight_decay"], fed["head_steps"], True)
-        after_2, _, _ = task_math.local_round(model, shared, after_1, task.train_x, task.train_y, fed["head_lr"],
-                                              fed["head_weight_decay"], fed["head_steps"], False)
+        after_1, _, _ = task_math.local_round(model, shared, fresh, task.train_x, task.train_y, fed.head_lr,
+                                              fed.head_weight_decay, fed.head_steps, True)
+        after_2, _, _ = task_math.local_round(model, shared, after_1, task.train_x, task.train_y, fed.head_lr,
+                                              fed.head_weight_decay, fed.head_steps, False)
         lora_b = [k for k in adapter if "lora_B" in k]
         assert all(torch.allclose(adapter[k], after_2[k], atol=1e-5) for k in adapter), name  # reloaded, trained on
         assert any(not torch.allclose(after_2[k], after_1[k], atol=1e-4) for k in lora_b)  # round 2 moved it
         assert any(float(after_1[k].abs().max()) > 0 for k in lora_b)  # and round 1 had (lora_B starts at 0)
 
-    results = pipeline.attack(run)  # the oracle queries the server's encoder with adapters disabled
+    results = pipeline.run_attack(run)  # the oracle queries the server's encoder with adapters disabled
     assert {g for g in results["attacks"]["variance"]} == {"strong", "weak", "null_control"}

@@ -4,7 +4,8 @@ import torch
 from safetensors.torch import load_file
 
 from fedtask import task as task_math
-from fedtask.checkpoint import embedding_oracle, save_state
+from fedtask.oracle import embedding_oracle
+from fedtask.rundir import save_state
 from fedtask.config import load_config
 from fedtask.data.base import TaskData, TaskSet
 from fedtask.models import build_model, initial_private_state
@@ -42,7 +43,7 @@ def test_char_lstm_is_leafs_model_with_a_bottleneck():
     config = load_config(None, {"data": {"name": "shakespeare"}, "model": {"encoder": "char_lstm",
                                                                             "embedding_dim": 8}})
     taskset = token_taskset(82, 82, length=80, encoding="characters")
-    model = build_model(config, taskset)
+    model = build_model(config, taskset.spec)
     lstm = model.encoder.lstm
     assert (model.encoder.embedding.embedding_dim, lstm.hidden_size, lstm.num_layers) == (8, 256, 2)
     assert model.embed(taskset.in_tasks[0].train_x).shape == (8, 8)
@@ -55,7 +56,7 @@ def test_char_lstm_is_leafs_model_with_a_bottleneck():
 
 def test_bert_embedding_is_mean_pooled_over_real_tokens(bert_dir):
     taskset = token_taskset(60, 3)
-    model = build_model(bert_config(bert_dir), taskset)
+    model = build_model(bert_config(bert_dir), taskset.spec)
     x = taskset.in_tasks[0].train_x[4:6, :6]  # unpadded rows
     longer = torch.cat([x, torch.zeros(2, 10, dtype=torch.int64)], dim=1)  # same text, more padding
     assert torch.allclose(model.embed(x), model.embed(longer), atol=1e-5)
@@ -65,7 +66,7 @@ def test_bert_embedding_is_mean_pooled_over_real_tokens(bert_dir):
 
 def test_bert_needs_weights_unless_random_init(bert_dir):
     with pytest.raises(FileNotFoundError, match="model.pretrained_path: .*no weights.*random_init"):
-        build_model(bert_config(bert_dir, random_init=False), token_taskset(60, 3))
+        build_model(bert_config(bert_dir, random_init=False), token_taskset(60, 3).spec)
 
 
 def test_minilm_loads_the_shipped_pretrained_weights():
@@ -73,7 +74,7 @@ def test_minilm_loads_the_shipped_pretrained_weights():
     from fedtask.data.text import minilm_path
 
     config = load_config(None, {"data": {"name": "shakespeare"}, "model": {"encoder": "minilm"}})
-    model = build_model(config, token_taskset(30522, 82))
+    model = build_model(config, token_taskset(30522, 82).spec)
     saved = load_file(str(minilm_path() / "model.safetensors"))
     key = next(k for k in saved if k.endswith("word_embeddings.weight"))
     assert torch.equal(model.encoder.transformer.embeddings.word_embeddings.weight, saved[key])
@@ -83,7 +84,7 @@ def test_minilm_loads_the_shipped_pretrained_weights():
 
 def test_lora_adapters_are_private_and_the_base_encoder_stays_shared(bert_dir):
     taskset = token_taskset(60, 3)
-    model = build_model(bert_config(bert_dir, head="lora", lora_r=4, lora_alpha=8.0), taskset)
+    model = build_model(bert_config(bert_dir, head="lora", lora_r=4, lora_alpha=8.0), taskset.spec)
     private = set(model.private_state())
     shared = set(model.shared_parameter_names())
     lora = {n for n in private if "lora_" in n}
@@ -108,7 +109,7 @@ def test_lora_adapters_are_private_and_the_base_encoder_stays_shared(bert_dir):
 
 def test_adversary_embedding_ignores_the_adapter(bert_dir):
     taskset = token_taskset(60, 3)
-    model = build_model(bert_config(bert_dir, head="lora"), taskset).eval()
+    model = build_model(bert_config(bert_dir, head="lora"), taskset.spec).eval()
     x = taskset.in_tasks[0].train_x
     plain = model.embed(x)
     with torch.no_grad():
@@ -122,12 +123,12 @@ def test_adversary_embedding_ignores_the_adapter(bert_dir):
 def test_oracle_on_a_saved_lora_encoder_matches_the_model(bert_dir, tmp_path):
     taskset = token_taskset(60, 3)
     config = bert_config(bert_dir, head="lora")
-    model = build_model(config, taskset).eval()
+    model = build_model(config, taskset.spec).eval()
     state = model.shared_state()
     state = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state.items()}
     save_state(state, tmp_path / "encoder.safetensors")
     model.load_state_dict(state, strict=False)
-    oracle = embedding_oracle(config, taskset, tmp_path / "encoder.safetensors")
+    oracle = embedding_oracle(config, taskset.spec, tmp_path / "encoder.safetensors")
     x = taskset.in_tasks[0].train_x
     assert torch.allclose(torch.as_tensor(oracle(x)), model.embed(x), atol=1e-5)
 
@@ -138,7 +139,7 @@ def test_causal_lm_predicts_tokens_with_a_private_adapter_on_its_head(lm_dir):
 
     vocab = 60
     taskset = token_taskset(vocab, vocab, seq_targets=True)
-    model = build_model(lm_config(lm_dir, freeze_embeddings=True), taskset)
+    model = build_model(lm_config(lm_dir, freeze_embeddings=True), taskset.spec)
     assert isinstance(model.head, nn.Identity)
     private = set(model.private_state())
     assert private and all("lm_head.lora_" in n for n in private)
@@ -170,7 +171,7 @@ def test_causal_lm_goes_with_reddit_and_lora_only(lm_dir):
 
 def test_lora_targets_must_name_modules(bert_dir):
     with pytest.raises(ValueError, match="model.lora_targets: no module named 'nope'"):
-        build_model(bert_config(bert_dir, head="lora", lora_targets=["nope"]), token_taskset(60, 3))
+        build_model(bert_config(bert_dir, head="lora", lora_targets=["nope"]), token_taskset(60, 3).spec)
 
 
 def test_lora_targets_survive_the_config_round_trip(bert_dir, tmp_path):

@@ -14,7 +14,8 @@ from fedtask.config import ConfigError, load_config
 from fedtask.data import celeba, femnist
 from fedtask.data.images import ShiftFlipAugment
 from fedtask.data.sources import LazyTaskList
-from fedtask.pipeline import _check_task_sizes, load_taskset
+from fedtask.config import with_overrides
+from fedtask.pipeline import check_task_sizes, load_taskset
 from vision_datasets import CELEBA_ATTRIBUTES, celeba_row_and_identity, write_celeba, write_femnist, writer_marker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,9 +165,9 @@ def test_celeba_multiple_problems_tasks_are_attributes(celeba_dir):
         holdout_rows |= set(celeba_row_and_identity(task.holdout_x)[0])
     assert not train_rows & holdout_rows  # no held-out image was trained on by any task
     assert any(a & b for i, a in enumerate(per_task_train) for b in per_task_train[i + 1:])  # tasks share images
-    _check_task_sizes({**config, "attack": {**config["attack"], "k_strong": 16, "k_weak": 4}}, taskset)
+    check_task_sizes(with_overrides(config, {"attack.k_strong": 16, "attack.k_weak": 4}), taskset)
     with pytest.raises(ConfigError, match="attack.k_strong"):
-        _check_task_sizes({**config, "attack": {**config["attack"], "k_strong": 65}}, taskset)
+        check_task_sizes(with_overrides(config, {"attack.k_strong": 65}), taskset)
 
 
 def test_celeba_attribute_too_rare_is_filtered(celeba_dir):

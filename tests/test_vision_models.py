@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from fedtask import task as task_math
 from fedtask.config import ConfigError, load_config
-from fedtask.data.base import TaskSet
+from fedtask.data.base import TaskSpec
 from fedtask.models import build_model, initial_private_state
 from fedtask.models_vision import FrozenBatchNorm2d
 
@@ -18,8 +18,8 @@ def vision_config(encoder: str, norm: str = "group", *extra: str) -> dict:
                               "model.embedding_dim=8", *extra])
 
 
-def image_taskset(channels: int = 1, size: int = 28, classes: int = 62) -> TaskSet:
-    return TaskSet([], [], classes, "image", (channels, size, size))
+def image_taskset(channels: int = 1, size: int = 28, classes: int = 62) -> TaskSpec:
+    return TaskSpec(classes, "image", (channels, size, size))
 
 
 @pytest.mark.parametrize("encoder,channels,size", [("resnet8", 1, 28), ("resnet18", 3, 32), ("resnet34", 1, 28),
@@ -113,4 +113,4 @@ def test_unknown_norm_and_non_image_data_are_config_errors():
     with pytest.raises(ConfigError, match="model.norm"):
         build_model(vision_config("resnet8", "batch"), image_taskset())
     with pytest.raises(ConfigError, match="model.encoder"):
-        build_model(vision_config("resnet8"), TaskSet([], [], 2, "vector", (16,)))
+        build_model(vision_config("resnet8"), TaskSpec(2, "vector", (16,)))

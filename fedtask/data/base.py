@@ -42,6 +42,24 @@ class TaskData:
         return x if idx is None else x[idx]
 
 
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a model needs to know about the tasks, without their data.
+
+    ``input_kind`` is 'vector' (float features), 'image' (float C,H,W) or 'tokens'
+    (int64 ids); ``input_shape`` is the per-sample shape; ``num_classes`` is the
+    width of every task head; ``vocab_size`` and ``pad_token_id`` are set for token
+    inputs, ``encoding`` says how text became tokens ('characters' or 'tokens').
+    """
+
+    num_classes: int
+    input_kind: str
+    input_shape: tuple[int, ...]
+    vocab_size: int | None = None
+    pad_token_id: int | None = None
+    encoding: str | None = None
+
+
 @dataclass
 class TaskSet:
     """All tasks of one experiment plus what the models need to know about them.
@@ -58,3 +76,9 @@ class TaskSet:
     input_shape: tuple[int, ...]
     vocab_size: int | None = None
     extra: dict = field(default_factory=dict)
+
+    @property
+    def spec(self) -> TaskSpec:
+        pad = self.extra.get("pad_token_id")
+        return TaskSpec(self.num_classes, self.input_kind, tuple(self.input_shape), self.vocab_size,
+                        None if pad is None else int(pad), self.extra.get("encoding"))

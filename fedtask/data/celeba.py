@@ -45,19 +45,19 @@ ATTRIBUTES = (
 )
 
 
-def load(config: dict) -> TaskSet:
-    data, seed = config["data"], config["seed"]
-    size = data["image_size"] or DEFAULT_SIZE
+def load(config) -> TaskSet:
+    data, seed = config.data, config.seed
+    size = data.image_size or DEFAULT_SIZE
     if size < 8:
         raise ValueError(f"data.image_size: must be >= 8 (or 0 for the default {DEFAULT_SIZE}); got {size}")
-    personalization = data["setting"] == "personalization"
-    if personalization and data["target_attribute"] not in ATTRIBUTES:
-        raise ValueError(f"data.target_attribute: {data['target_attribute']!r} is not a CelebA attribute "
+    personalization = data.setting == "personalization"
+    if personalization and data.target_attribute not in ATTRIBUTES:
+        raise ValueError(f"data.target_attribute: {data.target_attribute!r} is not a CelebA attribute "
                          f"(one of {', '.join(ATTRIBUTES)})")
-    if not 0.0 <= data["min_positive_fraction"] <= 1.0:
-        raise ValueError(f"data.min_positive_fraction: must be in [0, 1]; got {data['min_positive_fraction']}")
-    required = (IMAGE, data["target_attribute"]) if personalization else (IMAGE,)
-    dataset, partitioner, where = load_dataset_source(data["path"], HUB_DATASET, PARTITION_BY, HUB_SUBSET,
+    if not 0.0 <= data.min_positive_fraction <= 1.0:
+        raise ValueError(f"data.min_positive_fraction: must be in [0, 1]; got {data.min_positive_fraction}")
+    required = (IMAGE, data.target_attribute) if personalization else (IMAGE,)
+    dataset, partitioner, where = load_dataset_source(data.path, HUB_DATASET, PARTITION_BY, HUB_SUBSET,
                                                       required_columns=required, image_column=IMAGE)
     check_decodable(dataset, IMAGE, "RGB", where)
 
@@ -69,7 +69,7 @@ def load(config: dict) -> TaskSet:
     else:
         in_builders, out_builders = _attribute_tasks(dataset, data, seed, where, images)
     extra = {"source": where}
-    if data["augment"]:
+    if data.augment:
         extra["augment"] = ShiftFlipAugment(pad=max(1, size // 16), flip=True)
     return TaskSet(in_tasks=LazyTaskList(in_builders), out_tasks=LazyTaskList(out_builders), num_classes=2,
                    input_kind="image", input_shape=(3, size, size), extra=extra)
@@ -92,7 +92,7 @@ def _attribute(rows, name: str, where: str) -> np.ndarray:
 
 
 def _identity_tasks(dataset, partitioner, data: dict, seed: int, where: str, images):
-    target = data["target_attribute"]
+    target = data.target_attribute
     _attribute(dataset.select(range(min(1, len(dataset)))), target, where)  # fail early on a bad column type
 
     def to_task(name: str, train, holdout) -> TaskData:
@@ -107,8 +107,8 @@ def _identity_tasks(dataset, partitioner, data: dict, seed: int, where: str, ima
 def _attribute_tasks(dataset, data: dict, seed: int, where: str, images):
     present = [name for name in ATTRIBUTES if name in dataset.column_names]
     labels = {name: _attribute(dataset, name, where) for name in present}
-    n_train, n_hold = data["train_samples_per_task"], data["holdout_samples_per_task"]
-    fraction = data["min_positive_fraction"]
+    n_train, n_hold = data.train_samples_per_task, data.holdout_samples_per_task
+    fraction = data.min_positive_fraction
     # one split of the images into a training pool and a held-out pool, shared by every task
     order = np.random.default_rng([seed, 0]).permutation(len(dataset))
     n_hold_pool = int(round(len(dataset) * n_hold / (n_train + n_hold)))
@@ -126,7 +126,7 @@ def _attribute_tasks(dataset, data: dict, seed: int, where: str, images):
 
     eligible = np.array([i for i, name in enumerate(present) if feasible(name)], dtype=np.int64)
     in_ids, out_ids = choose_in_out(
-        eligible, data["num_in_tasks"], data["num_out_tasks"], seed,
+        eligible, data.num_in_tasks, data.num_out_tasks, seed,
         f"CelebA attributes in {where} have {n_train} training and {n_hold} held-out images with at least "
         f"{forced_positives(n_train)} / {forced_positives(n_hold)} positives (data.min_positive_fraction="
         f"{fraction})")

@@ -23,15 +23,15 @@ NATIVE_SIZE = 28
 MEAN, STD = (0.5,), (0.5,)  # trained from scratch: centre the [0, 1] pixels on zero
 
 
-def load(config: dict) -> TaskSet:
-    data, seed = config["data"], config["seed"]
-    if data["setting"] != "personalization":
+def load(config) -> TaskSet:
+    data, seed = config.data, config.seed
+    if data.setting != "personalization":
         raise ValueError("data.setting: femnist has one learning problem (62 characters); only "
                          "'personalization' (one task per writer) is supported")
-    size = data["image_size"] or NATIVE_SIZE
+    size = data.image_size or NATIVE_SIZE
     if size < 8:
         raise ValueError(f"data.image_size: must be >= 8 (or 0 for FEMNIST's native 28); got {size}")
-    dataset, partitioner, where = load_dataset_source(data["path"], HUB_DATASET, PARTITION_BY,
+    dataset, partitioner, where = load_dataset_source(data.path, HUB_DATASET, PARTITION_BY,
                                                       required_columns=(IMAGE, LABEL), image_column=IMAGE)
     check_decodable(dataset, IMAGE, "L", where)
     labels = column_numpy(dataset, LABEL)
@@ -52,7 +52,7 @@ def load(config: dict) -> TaskSet:
         input_kind="image",
         input_shape=(1, size, size),
         extra={"source": where, "augment": ShiftFlipAugment(pad=max(1, size // 14), flip=False)}
-        if data["augment"] else {"source": where},
+        if data.augment else {"source": where},
     )
 
 

@@ -1,7 +1,8 @@
 """Reddit posts by user for personalised next-token prediction (paper 6.3 and A.5, Gemma 3 270M).
 
-No package ships Reddit: point ``data.path`` at one parquet / json / jsonl / csv file or a
-folder of them, one row per post, with a user column (``data.user_column``, default
+No package ships Reddit: point ``data.path`` at one parquet / arrow / json / jsonl / csv file,
+a folder of them or a ``save_to_disk`` folder (read by :func:`fedtask.data.sources.load_local`,
+whose rules say which files of a folder are read), one row per post, with a user column (``data.user_column``, default
 "user") and a text column (``data.text_column``, default "text"). For the Webis TL;DR
 corpus (Völske et al., 2017) that is ``data.user_column = "author"`` and
 ``data.text_column = "content"``.
@@ -29,27 +30,27 @@ def next_token_targets(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return targets
 
 
-def load(config: dict) -> TaskSet:
-    data = config["data"]
-    if data["setting"] != "personalization":
+def load(config) -> TaskSet:
+    data = config.data
+    if data.setting != "personalization":
         raise ValueError("data.setting: Reddit tasks are users (personalization); there is no multiple_problems "
                          "split of Reddit")
-    n_in, n_out = data["num_in_tasks"], data["num_out_tasks"]
-    n_train, n_hold = data["train_samples_per_task"], data["holdout_samples_per_task"]
-    table = read_table(data["path"], {"user": data["user_column"], "text": data["text_column"]})
-    users = user_tasks(table, data["min_samples_per_task"] or n_train + n_hold, data["max_samples_per_task"],
-                       n_in + n_out, config["seed"], f"{data['path']}")
+    n_in, n_out = data.num_in_tasks, data.num_out_tasks
+    n_train, n_hold = data.train_samples_per_task, data.holdout_samples_per_task
+    table = read_table(data.path, {"user": data.user_column, "text": data.text_column})
+    users = user_tasks(table, data.min_samples_per_task or n_train + n_hold, data.max_samples_per_task,
+                       n_in + n_out, config.seed, f"{data.path}")
     tokenizer = load_tokenizer(config)
     rows_of = table.groupby("user").indices
     texts = table["text"].to_numpy()
     tasks = []
     for number, user in enumerate(users):
-        rng = np.random.default_rng([config["seed"], 8, number])
+        rng = np.random.default_rng([config.seed, 8, number])
         parts = []
         for rows in split_rows(np.asarray(rows_of[user]), n_train, n_hold, rng):
-            ids, mask = encode_tokens(texts[rows].tolist(), tokenizer, data["max_length"])
+            ids, mask = encode_tokens(texts[rows].tolist(), tokenizer, data.max_length)
             parts += [ids, next_token_targets(ids, mask)]
         tasks.append(TaskData(f"user-{user}", *parts))
     return TaskSet(tasks[:n_in], tasks[n_in:], num_classes=len(tokenizer), input_kind="tokens",
-                   input_shape=(data["max_length"],), vocab_size=len(tokenizer),
+                   input_shape=(data.max_length,), vocab_size=len(tokenizer),
                    extra={"pad_token_id": int(tokenizer.pad_token_id), "encoding": "tokens", "dataset": "reddit"})

@@ -265,13 +265,13 @@ def next_char_windows(text: str, count: int, seq_len: int, rng: np.random.Genera
     return inputs, labels
 
 
-def personalization_tasks(config: dict, roles: list[Role], encoding: TextEncoding) -> list[TaskData]:
-    data = config["data"]
-    n_train, n_hold, seq_len = data["train_samples_per_task"], data["holdout_samples_per_task"], data["seq_len"]
+def personalization_tasks(config, roles: list[Role], encoding: TextEncoding) -> list[TaskData]:
+    data = config.data
+    n_train, n_hold, seq_len = data.train_samples_per_task, data.holdout_samples_per_task, data.seq_len
     share = n_hold / (n_train + n_hold)
     tasks = []
     for index, role in enumerate(roles):
-        rng = np.random.default_rng([config["seed"], 6, index])
+        rng = np.random.default_rng([config.seed, 6, index])
         train_text, held_text = role_texts(role, share, seq_len + max(n_hold, 1), rng)
         train_in, train_y = next_char_windows(train_text, n_train, seq_len, rng)
         hold_in, hold_y = next_char_windows(held_text, n_hold, seq_len, rng)
@@ -288,18 +288,18 @@ def play_lines(directory: str | None = None) -> dict[str, list[str]]:
     return plays
 
 
-def line_problem_tasks(config: dict, in_plays: list[str], out_plays: list[str], encoding: TextEncoding,
+def line_problem_tasks(config, in_plays: list[str], out_plays: list[str], encoding: TextEncoding,
                        directory: str | None = None) -> tuple[list[TaskData], list[TaskData]]:
-    data = config["data"]
-    n_train, n_hold = data["train_samples_per_task"], data["holdout_samples_per_task"]
+    data = config.data
+    n_train, n_hold = data.train_samples_per_task, data.holdout_samples_per_task
     lines = play_lines(directory)
-    coin = np.random.default_rng([config["seed"], 6, 1])
+    coin = np.random.default_rng([config.seed, 6, 1])
     held = {play: coin.random(len(lines[play])) < n_hold / (n_train + n_hold) for play in sorted(lines)}
 
     def side(plays: list[str], offset: int) -> list[TaskData]:
         tasks = []
         for index, play in enumerate(plays):
-            rng = np.random.default_rng([config["seed"], 6, 2, offset + index])
+            rng = np.random.default_rng([config.seed, 6, 2, offset + index])
             others = [p for p in plays if p != play]
             parts = []
             for holdout, count in ((False, n_train), (True, n_hold)):
@@ -319,15 +319,15 @@ def line_problem_tasks(config: dict, in_plays: list[str], out_plays: list[str], 
     return side(in_plays, 0), side(out_plays, len(in_plays))
 
 
-def load(config: dict) -> TaskSet:
-    data = config["data"]
-    n_in, n_out = data["num_in_tasks"], data["num_out_tasks"]
+def load(config) -> TaskSet:
+    data = config.data
+    n_in, n_out = data.num_in_tasks, data.num_out_tasks
     encoding = TextEncoding(config)
-    rng = np.random.default_rng([config["seed"], 6])
-    if data["setting"] == "personalization":
-        roles = roles_with(data["min_lines_per_task"])
+    rng = np.random.default_rng([config.seed, 6])
+    if data.setting == "personalization":
+        roles = roles_with(data.min_lines_per_task)
         if len(roles) < n_in + n_out:
-            raise ValueError(f"data.num_in_tasks: {len(roles)} Shakespeare roles have >= {data['min_lines_per_task']} "
+            raise ValueError(f"data.num_in_tasks: {len(roles)} Shakespeare roles have >= {data.min_lines_per_task} "
                              f"lines (data.min_lines_per_task); data.num_in_tasks + data.num_out_tasks = "
                              f"{n_in + n_out} needs more")
         chosen = [roles[i] for i in rng.permutation(len(roles))[: n_in + n_out]]
@@ -344,7 +344,7 @@ def load(config: dict) -> TaskSet:
     return TaskSet(in_tasks=in_tasks, out_tasks=out_tasks, num_classes=num_classes, input_kind="tokens",
                    input_shape=(encoding.length,), vocab_size=encoding.vocab_size,
                    extra={**encoding.extra(), "dataset": "shakespeare",
-                          "min_lines_per_task": data["min_lines_per_task"]})
+                          "min_lines_per_task": data.min_lines_per_task})
 
 
 def summary(thresholds=(1, 25, 50, 100, 200)) -> str:

@@ -1,7 +1,8 @@
 """Where real task data comes from: local exports (``data.path``) or the published hub datasets.
 
 The Flower Datasets way, for both: one ``datasets.Dataset`` (loaded from local parquet /
-arrow / json files, or from the hub by ``flwr_datasets.FederatedDataset``) and a
+arrow / json / csv files by :func:`load_local`, the one local reader of the project, also
+behind Stack Overflow and Reddit; or from the hub by ``flwr_datasets.FederatedDataset``) and a
 ``NaturalIdPartitioner`` over it that makes one partition per writer / identity.
 Without ``data.path`` the hub is tried; on an offline machine that fails, and the
 error says to set ``data.path``.
@@ -19,7 +20,8 @@ import numpy as np
 from fedtask.data.base import TaskData
 
 # file suffix -> datasets packaged builder, in order of preference when a folder mixes them
-BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json"}
+BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+_KINDS = "parquet, arrow, json, jsonl or csv"
 
 
 class LazyTaskList(Sequence):
@@ -127,22 +129,52 @@ def _load_hub(hub_dataset: str, hub_subset: str | None, partition_by: str):
         raise FileNotFoundError(
             f"data.path is not set and the hub dataset {hub_dataset} could not be loaded "
             f"({type(err).__name__}{': ' + reason if reason else ''}); set data.path to a local export "
-            "(parquet / arrow / json files, or a save_to_disk folder)") from None
+            "(parquet / arrow / json / csv files, or a save_to_disk folder)") from None
     partitioner = fds.partitioners["train"]
     if not partitioner.is_dataset_assigned():
         partitioner.dataset = dataset
     return dataset, partitioner
 
 
+def local_files(path: Path) -> tuple[str, list[Path]]:
+    """The ``datasets`` builder and the files :func:`load_local` reads for ``path`` (a file, or a
+    folder that is not a ``save_to_disk`` folder), in the order their rows are read.
+
+    The rules: a file must have one of the :data:`BUILDERS` suffixes. A folder is searched
+    recursively, skipping hidden files and folders (``.cache``, ``.git`` ...); the files are
+    taken in sorted path order. When a folder mixes kinds, only the most preferred kind is
+    read (parquet, then arrow, then json / jsonl, then csv; the others are ignored). Among
+    those, files named ``train*`` or lying in a folder named ``train`` form the train split
+    when there are any (the hub layout ``train-00000-of-00019.parquet``); else all are read.
+    """
+    if path.is_file():
+        if path.suffix not in BUILDERS:
+            raise ValueError(f"{path}: not a {_KINDS} file (suffix {path.suffix or 'none'!r})")
+        return BUILDERS[path.suffix], [path]
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in BUILDERS
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if not files:
+        raise FileNotFoundError(f"{path}: no {', '.join(BUILDERS)} files found")
+    builder = min({BUILDERS[f.suffix] for f in files}, key=list(dict.fromkeys(BUILDERS.values())).index)
+    files = [f for f in files if BUILDERS[f.suffix] == builder]
+    train = [f for f in files if f.name.startswith("train") or f.parent.name == "train"]
+    return builder, train or files
+
+
 def load_local(path: Path):
     """Load local exports as one ``datasets.Dataset`` (the train split when there are several).
 
-    Accepts a ``save_to_disk`` folder, a single parquet / arrow / json(l) file, or a folder of
-    them (searched recursively; files named ``train*`` or under a ``train`` folder form the
-    train split when present, as in the hub layout ``train-00000-of-00019.parquet``).
+    Accepts a ``save_to_disk`` folder, a single parquet / arrow / json / jsonl / csv file, or a
+    folder of them (which files, and in which order: :func:`local_files`). Rows come in file
+    order, then row order within a file. JSON files may hold JSON lines or one JSON array of
+    objects (starting at the file's first byte). Errors are one line naming the file at fault
+    (or ``path`` when no single file is): FileNotFoundError or ValueError.
     """
     import datasets
 
+    path = Path(path)
     if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
         try:
             loaded = datasets.load_from_disk(str(path))
@@ -156,18 +188,8 @@ def load_local(path: Path):
             raise ValueError(f"{path}: a DatasetDict without a 'train' split (splits: {', '.join(loaded)})")
         return loaded
 
-    if path.is_file() and path.suffix not in BUILDERS:
-        raise ValueError(f"{path}: not a parquet, arrow or json file (suffix {path.suffix or 'none'!r})")
-    files = [path] if path.is_file() else sorted(
-        p for p in path.rglob("*") if p.is_file() and p.suffix in BUILDERS
-        and not any(part.startswith(".") for part in p.relative_to(path).parts))  # skip caches, hidden files
-    if not files:
-        raise FileNotFoundError(f"{path}: no parquet, arrow or json files found")
-    builder = min({BUILDERS[f.suffix] for f in files}, key=list(dict.fromkeys(BUILDERS.values())).index)
-    files = [f for f in files if BUILDERS[f.suffix] == builder]
-    train = [f for f in files if f.name.startswith("train") or f.parent.name == "train"]
-    files = train or files
-    if builder == "parquet":  # name the broken file, not just the folder
+    builder, files = local_files(path)
+    if builder == "parquet":  # a cheap check that names the broken file before anything is read
         import pyarrow.parquet as pq
 
         for file in files:
@@ -176,10 +198,40 @@ def load_local(path: Path):
             except Exception as err:
                 raise ValueError(f"{file}: not a readable parquet file ({_reason(err)})") from None
     try:
-        return datasets.load_dataset(builder, data_files={"train": [str(f) for f in files]}, split="train")
+        return _load_files(builder, files)
     except Exception as err:
-        where = files[0] if len(files) == 1 else path
-        raise ValueError(f"{where}: cannot be read as {builder} ({_reason(err)})") from None
+        if len(files) == 1:
+            raise ValueError(f"{files[0]}: cannot be read as {builder} "
+                             f"({_file_reason(files[0], builder, err)})") from None
+        for file in files:  # which one is at fault? (only on this error path)
+            try:
+                _load_files(builder, [file])
+            except Exception as file_err:
+                raise ValueError(f"{file}: cannot be read as {builder} "
+                                 f"({_file_reason(file, builder, file_err)})") from None
+        raise ValueError(f"{path}: its {len(files)} {builder} files cannot be read as one table, "
+                         f"although each can; do they have the same columns and types? ({_reason(err)})") from None
+
+
+def _load_files(builder: str, files: Sequence[Path]):
+    import datasets
+
+    return datasets.load_dataset(builder, data_files={"train": [str(f) for f in files]}, split="train")
+
+
+def _file_reason(file: Path, builder: str, err: BaseException) -> str:
+    """Why ``file`` failed, with a hint for a JSON array that does not start at the first byte
+    (datasets' json reader takes such a file for JSON lines and fails cryptically)."""
+    if builder == "json":
+        try:
+            with open(file, "rb") as handle:
+                head = handle.read(1 << 12)
+        except OSError:
+            head = b""
+        if not head.startswith(b"[") and head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"["):
+            return ("a JSON array must start at the file's first byte; remove the leading whitespace or "
+                    "byte-order mark, or write JSON lines")
+    return _reason(err)
 
 
 def _reason(err: BaseException) -> str:
@@ -228,10 +280,10 @@ def natural_id_task_builders(partitioner, sizes: np.ndarray, data: dict, seed: i
     TaskData. A partition needs data.train_samples_per_task + data.holdout_samples_per_task
     rows; exactly that many are used (a seeded subset when it has more).
     """
-    n_train, n_hold = data["train_samples_per_task"], data["holdout_samples_per_task"]
+    n_train, n_hold = data.train_samples_per_task, data.holdout_samples_per_task
     need = n_train + n_hold
     eligible = np.flatnonzero(sizes >= need)
-    in_ids, out_ids = choose_in_out(eligible, data["num_in_tasks"], data["num_out_tasks"], seed,
+    in_ids, out_ids = choose_in_out(eligible, data.num_in_tasks, data.num_out_tasks, seed,
                                     f"{what} have at least {need} samples (data.train_samples_per_task + "
                                     "data.holdout_samples_per_task)")
 

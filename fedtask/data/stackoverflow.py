@@ -1,7 +1,9 @@
 """Stack Overflow posts from local files (``data.path``), by user or by topic (paper 6.3, 6.4, A.5).
 
-No package ships Stack Overflow: point ``data.path`` at one parquet / json / jsonl / csv file
-or a folder of them, one row per post, with the columns
+No package ships Stack Overflow: point ``data.path`` at one parquet / arrow / json / jsonl /
+csv file, a folder of them or a ``save_to_disk`` folder (read by
+:func:`fedtask.data.sources.load_local`, whose rules say which files of a folder are read),
+one row per post, with the columns
 
     user   (``data.user_column``, default "user"): who wrote the post (any id)
     text   (``data.text_column``, default "text"): the post (e.g. title + body)
@@ -34,10 +36,10 @@ from fedtask.data.base import TaskData, TaskSet
 from fedtask.data.text import TextEncoding, parse_tags, read_table, split_rows, user_tasks
 
 
-def read_posts(config: dict):
-    data = config["data"]
-    table = read_table(data["path"], {"user": data["user_column"], "text": data["text_column"],
-                                      "tags": data["tags_column"]})
+def read_posts(config):
+    data = config.data
+    table = read_table(data.path, {"user": data.user_column, "text": data.text_column,
+                                      "tags": data.tags_column})
     return table.assign(tags=[parse_tags(value) for value in table["tags"]])
 
 
@@ -49,20 +51,20 @@ def tag_frequencies(table) -> list[tuple[str, int]]:
     return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
 
 
-def by_user(config: dict, table, encoding: TextEncoding) -> TaskSet:
-    data = config["data"]
-    n_in, n_out = data["num_in_tasks"], data["num_out_tasks"]
-    n_train, n_hold = data["train_samples_per_task"], data["holdout_samples_per_task"]
-    vocabulary = [tag for tag, _ in tag_frequencies(table)[: data["num_tags"]]]
+def by_user(config, table, encoding: TextEncoding) -> TaskSet:
+    data = config.data
+    n_in, n_out = data.num_in_tasks, data.num_out_tasks
+    n_train, n_hold = data.train_samples_per_task, data.holdout_samples_per_task
+    vocabulary = [tag for tag, _ in tag_frequencies(table)[: data.num_tags]]
     index = {tag: i for i, tag in enumerate(vocabulary)}
     labels = np.array([next((index[t] for t in tags if t in index), -1) for tags in table["tags"]])
     table = table.assign(label=labels)[labels >= 0].reset_index(drop=True)
-    users = user_tasks(table, data["min_samples_per_task"] or n_train + n_hold, data["max_samples_per_task"],
-                       n_in + n_out, config["seed"], f"{data['path']}")
+    users = user_tasks(table, data.min_samples_per_task or n_train + n_hold, data.max_samples_per_task,
+                       n_in + n_out, config.seed, f"{data.path}")
     rows_of = table.groupby("user").indices
     tasks = []
     for number, user in enumerate(users):
-        rng = np.random.default_rng([config["seed"], 7, number])
+        rng = np.random.default_rng([config.seed, 7, number])
         train, held = split_rows(np.asarray(rows_of[user]), n_train, n_hold, rng)
         tasks.append(TaskData(f"user-{user}", *_encoded(table, train, encoding), *_encoded(table, held, encoding)))
     return TaskSet(tasks[:n_in], tasks[n_in:], num_classes=len(vocabulary), input_kind="tokens",
@@ -75,26 +77,26 @@ def _encoded(table, rows: np.ndarray, encoding: TextEncoding) -> tuple[torch.Ten
     return encoding(texts), torch.as_tensor(table["label"].to_numpy()[rows], dtype=torch.int64)
 
 
-def by_tag(config: dict, table, encoding: TextEncoding) -> TaskSet:
-    data = config["data"]
-    n_in, n_out = data["num_in_tasks"], data["num_out_tasks"]
-    n_train, n_hold = data["train_samples_per_task"], data["holdout_samples_per_task"]
+def by_tag(config, table, encoding: TextEncoding) -> TaskSet:
+    data = config.data
+    n_in, n_out = data.num_in_tasks, data.num_out_tasks
+    n_train, n_hold = data.train_samples_per_task, data.holdout_samples_per_task
     frequent = tag_frequencies(table)
     if len(frequent) < n_in + n_out:
-        raise ValueError(f"data.num_in_tasks: {data['path']} has {len(frequent)} tags; data.num_in_tasks + "
+        raise ValueError(f"data.num_in_tasks: {data.path} has {len(frequent)} tags; data.num_in_tasks + "
                          f"data.num_out_tasks = {n_in + n_out}")
     chosen = [tag for tag, _ in frequent[: n_in + n_out]]
-    order = np.random.default_rng([config["seed"], 7]).permutation(len(chosen))
+    order = np.random.default_rng([config.seed, 7]).permutation(len(chosen))
     in_tags, out_tags = [chosen[i] for i in order[:n_in]], [chosen[i] for i in order[n_in:]]
     tag_sets = [set(tags) for tags in table["tags"]]
-    held = np.random.default_rng([config["seed"], 7, 1]).random(len(table)) < n_hold / (n_train + n_hold)
+    held = np.random.default_rng([config.seed, 7, 1]).random(len(table)) < n_hold / (n_train + n_hold)
     texts = table["text"].to_numpy()
 
     def side(tags: list[str], other_side: set[str], offset: int) -> list[TaskData]:
         clean = np.array([not (s & other_side) for s in tag_sets])  # posts with no tag of the other side
         tasks = []
         for number, tag in enumerate(tags):
-            rng = np.random.default_rng([config["seed"], 7, 2, offset + number])
+            rng = np.random.default_rng([config.seed, 7, 2, offset + number])
             has = np.array([tag in s for s in tag_sets])
             parts = []
             for holdout, count in ((False, n_train), (True, n_hold)):
@@ -116,9 +118,9 @@ def by_tag(config: dict, table, encoding: TextEncoding) -> TaskSet:
                    extra={**encoding.extra(), "dataset": "stackoverflow"})
 
 
-def load(config: dict) -> TaskSet:
+def load(config) -> TaskSet:
     table = read_posts(config)
     encoding = TextEncoding(config)
-    if config["data"]["setting"] == "personalization":
+    if config.data.setting == "personalization":
         return by_user(config, table, encoding)
     return by_tag(config, table, encoding)

