@@ -179,4 +179,4 @@ def test_lora_targets_survive_the_config_round_trip(bert_dir, tmp_path):
 
     config = bert_config(bert_dir, head="lora", lora_targets=["query", "key"])
     (tmp_path / "c.toml").write_text(to_toml(config))
-    assert load_config(tmp_path / "c.toml")["model"]["lora_targets"] == ["query", "key"]
+    assert load_config(tmp_path / "c.toml").model.lora_targets == ("query", "key")
