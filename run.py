@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 DEFAULT_CONFIG = "configs/synthetic.toml"
@@ -61,15 +63,47 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
     from fedtask.config import ConfigError
+    from fedtask.engines import TrainingFailed
 
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return _dispatch(args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return _exit_now(1)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        print("interrupted: nothing was kept of the unfinished work", file=sys.stderr)
+        return _exit_now(130)
+    except Terminated:
+        print("terminated (SIGTERM): nothing was kept of the unfinished work", file=sys.stderr)
+        return _exit_now(143)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the main thread is, so that cleanup runs as for Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _exit_now(status: int) -> int:
+    """Stop what a Flower simulation leaves running (Ray, its non-daemon threads), then exit.
+
+    After an interrupted or failed simulation the interpreter would wait for ever on Flower's
+    threads at shutdown; the run directory is already cleaned up, so exit without waiting.
+    """
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 TRACING_FLAGS = {"tasks": "--tasks", "dim": "--dim", "samples": "--samples", "k": "--k", "trials": "--trials",

@@ -97,6 +97,8 @@ class FederationConfig:
     final_head_steps: int = 0           # head-only steps on the final encoder before evaluation
     batch_size: int = 0
     samples_per_pass: int = 0           # vectorized engine: most samples per encoder pass; 0 = per device
+    reply_timeout: float = 900.0        # flower engine: seconds to wait for a round's replies
+    max_failed_fraction: float = 0.1    # flower engine: share of a round's tasks that may fail before the run stops
 
 
 @dataclass(frozen=True)
@@ -350,6 +352,9 @@ def validate(config: Config) -> None:
     _require(fed.head_steps >= 1, "federation.head_steps", "must be >= 1")
     _require(fed.final_head_steps >= 0, "federation.final_head_steps", "must be >= 0")
     _require(fed.batch_size >= 0, "federation.batch_size", "must be >= 0 (0 = the whole task)")
+    _require(fed.reply_timeout > 0, "federation.reply_timeout", f"must be > 0 seconds; got {fed.reply_timeout}")
+    _require(0 <= fed.max_failed_fraction <= 1, "federation.max_failed_fraction",
+             f"must be in [0, 1]; got {fed.max_failed_fraction}")
     _require(fed.samples_per_pass >= 0, "federation.samples_per_pass",
              "must be >= 0 (0 = chosen per device: 1024 on a CPU, 8192 on a GPU)")
 

@@ -44,7 +44,14 @@ class TrainingOutcome:
     heads_dir: Path
 
 
+class TrainingFailed(RuntimeError):
+    """Training could not finish (too many clients failed, the loss diverged): one line says why."""
+
+
 class Engine(Protocol):
+    def check(self, config: "Config") -> None:
+        """Refuse (ConfigError naming the key) what this engine cannot run, before anything starts."""
+
     def train(self, config: "Config", taskset: "TaskSet", out_dir: Path, *,
               on_round: RoundHook | None = None) -> TrainingOutcome:
         """Train ``config``'s federation on ``taskset``; write each IN task's head under ``out_dir``."""

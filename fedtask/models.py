@@ -99,8 +99,9 @@ class TaskModel(nn.Module):
         return [n for n, p in self.named_parameters() if not self.is_private(n) and p.requires_grad]
 
 
-def build_encoder(config, spec: TaskSpec) -> nn.Module:
-    name = config.model.encoder
+def check_encoder_name(name: str) -> None:
+    """Raise ValueError naming model.encoder unless ``name`` is registered (importing the
+    vision and language encoder modules only when the name is not a built-in)."""
     if name not in ENCODERS:
         for module in ENCODER_MODULES:
             try:
@@ -110,7 +111,11 @@ def build_encoder(config, spec: TaskSpec) -> nn.Module:
                     raise
     if name not in ENCODERS:
         raise ValueError(f"model.encoder: unknown encoder {name!r}; known: {', '.join(sorted(ENCODERS))}")
-    return ENCODERS[name](config, spec)
+
+
+def build_encoder(config, spec: TaskSpec) -> nn.Module:
+    check_encoder_name(config.model.encoder)
+    return ENCODERS[config.model.encoder](config, spec)
 
 
 def build_model(config, spec: TaskSpec, seed: int | None = None) -> TaskModel:

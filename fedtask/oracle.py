@@ -23,7 +23,14 @@ def embedding_oracle(config, spec: TaskSpec, encoder_path: Path, device: str | t
     from fedtask.models import build_model
 
     model = build_model(config, spec)
-    missing, unexpected = model.load_state_dict(load_state(encoder_path), strict=False)
+    state = load_state(encoder_path)
+    expected = model.state_dict()
+    wrong = [name for name, tensor in state.items() if name in expected and tensor.shape != expected[name].shape]
+    if wrong:
+        name = wrong[0]
+        raise ValueError(f"{encoder_path}: shapes do not match config.toml's model ({name}: file "
+                         f"{list(state[name].shape)}, model {list(expected[name].shape)})")
+    missing, unexpected = model.load_state_dict(state, strict=False)
     unexpected = [name for name in unexpected if not model.is_private(name)]
     missing = [name for name in missing if not model.is_private(name)]
     if missing or unexpected:

@@ -9,9 +9,10 @@ security games against a finished run through the black-box oracle.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import shutil
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 from fedtask import rundir
 from fedtask.config import Config, ConfigError, load_config, parameter_error, to_toml, with_overrides
 from fedtask.data import TaskSet, load_tasks
-from fedtask.engines import Engine, RoundHook, TrainingOutcome, get_engine
+from fedtask.engines import Engine, RoundHook, TrainingFailed, TrainingOutcome, get_engine
 
 # library parameter -> the configuration key that feeds it (for one-line errors at the edge)
 ACCOUNTING_KEYS = {"target_epsilon": "dp.target_epsilon", "delta": "dp.delta", "accountant": "dp.accountant",
@@ -38,6 +39,8 @@ def log(message: str) -> None:
 def print_round(server_round: int, encoder, row: dict) -> None:
     """The default per-round hook: one progress line."""
     extra = f" |g|={row['aggregate_norm']:.3f}" if "aggregate_norm" in row else ""
+    if row.get("failed"):
+        extra += f" failed={len(row['failed'])} (tasks {', '.join(list(row['failed'])[:5])})"
     log(f"round {server_round:>4} [{row['phase']:<10}] tasks={len(row['tasks']):>4} "
         f"loss={row['loss']:.4f}{extra} {row['seconds']:.2f}s")
 
@@ -79,6 +82,37 @@ def check_task_sizes(config: Config, taskset: TaskSet) -> None:
                               "the smallest task has")
 
 
+def check_model(config: Config) -> None:
+    from fedtask.models import check_encoder_name
+
+    try:
+        check_encoder_name(config.model.encoder)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def check_memory(config: Config) -> None:
+    """Synthetic tasks are made in memory at once: refuse sizes this machine cannot hold
+    (an allocation that size is not an error on Linux, the kernel kills the process later)."""
+    data = config.data
+    if data.name != "synthetic":
+        return
+    samples = (data.num_in_tasks + data.num_out_tasks) * (data.train_samples_per_task + data.holdout_samples_per_task)
+    needed = 4 * samples * data.dim * 3  # inputs, plus the copies training and the attack make
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > available:
+        raise ConfigError(f"data.num_in_tasks: {samples:,} synthetic samples of data.dim={data.dim} need about "
+                          f"{needed / 2**30:.0f} GiB, more than this machine's {available / 2**30:.0f} GiB")
+
+
+def training_fingerprint(config: Config) -> str:
+    """What makes a trained model: every key but the attack's and the device's, hashed."""
+    tree = config.to_dict()
+    tree.pop("attack")
+    tree["federation"].pop("device")
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
+
+
 def check_device(config: Config) -> None:
     import torch
 
@@ -93,33 +127,53 @@ def run_training(config: Config, out_dir: Path, *, engine: Engine | None = None,
     ``engine`` defaults to ``federation.engine``'s; ``flwr run`` passes one bound to its grid.
     Returns results.json's content.
     """
-    out_dir = Path(out_dir)
-    if (out_dir / rundir.RESULTS).exists():
-        raise ConfigError(f"{out_dir}: already holds a run ({rundir.RESULTS}); choose another --out")
+    rundir.check_new_output(out_dir)  # before anything slow: a bad --out costs nothing
     config = prepare(config)
     check_device(config)
+    check_model(config)
+    check_memory(config)
     taskset = load_taskset(config)
     check_task_sizes(config, taskset)
     engine = engine or get_engine(config.federation.engine)
-    work = rundir.incomplete(out_dir)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    engine.check(config)  # what only the engine can tell (resources it cannot get)
+    run = rundir.RunDirectory(out_dir)
     fed = config.federation
     log(f"training: {config.data.name} ({config.data.num_in_tasks} IN tasks), "
         f"{fed.rounds} rounds ({fed.warm_start_rounds} warm-start), {fed.tasks_per_round} tasks/round, "
         f"engine={fed.engine}" + (f", DP z={config.dp.noise_multiplier:.4g}" if config.dp.enabled else ""))
     started = time.perf_counter()
     try:
-        outcome = engine.train(config, taskset, work, on_round=on_round)
+        outcome = engine.train(config, taskset, run.work, on_round=divergence_guard(on_round))
         seconds = time.perf_counter() - started
-        results = write_training(config, work, outcome, seconds=seconds, majority=majority_baseline(taskset))
-        rundir.publish(work, out_dir)
+        results = write_training(config, run.work, outcome, seconds=seconds, majority=majority_baseline(taskset))
+        run.publish()
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)  # no half-written run is left behind
+        run.discard()  # no half-written run is left behind
         raise
     log(f"training done in {seconds:.1f}s: in-task accuracy "
         f"{results['utility']['in_task_accuracy']:.3f} -> {out_dir}")
     return results
+
+
+class TrainingDiverged(TrainingFailed):
+    """Training produced a non-finite loss or update; the message names the round and what to change."""
+
+
+def divergence_guard(on_round: RoundHook | None) -> RoundHook:
+    """The per-round hook that stops training at the first non-finite loss or update."""
+
+    def guard(server_round: int, encoder, row: dict) -> None:
+        loss_bad = bool(row["tasks"]) and not math.isfinite(row["loss"])  # an empty DP round has no loss
+        update_bad = not math.isfinite(row.get("aggregate_norm", 0.0))
+        if loss_bad or update_bad:
+            what = "loss" if loss_bad else "encoder update"
+            raise TrainingDiverged(
+                f"training diverged at round {server_round}: non-finite {what}; lower federation.server_lr "
+                "or federation.head_lr, or clip with federation.grad_clip")
+        if on_round:
+            on_round(server_round, encoder, row)
+
+    return guard
 
 
 def majority_baseline(taskset: TaskSet) -> float | None:
@@ -168,7 +222,10 @@ def write_training(config: Config, out_dir: Path, outcome: TrainingOutcome, *, s
         "in_task_train_accuracy": float(np.mean(train_acc)) if train_acc else None,
         "majority_baseline_accuracy": majority,
     }
-    results = {"config": config.to_dict(), "utility": utility, "privacy": privacy_block(config)}
+    results = {"config": config.to_dict(), "utility": utility, "privacy": privacy_block(config),
+               "fingerprint": {"training_config": training_fingerprint(config),
+                               "encoder": rundir.file_digest(out_dir / rundir.ENCODER),
+                               "initial_encoder": rundir.file_digest(out_dir / rundir.INITIAL_ENCODER)}}
     rundir.write_json(out_dir / rundir.RESULTS, results)
     from attacks import write_report
 
@@ -187,15 +244,21 @@ def run_attack(run_dir: Path, overrides: list[str] | None = None) -> dict:
         if not (key.startswith("attack.") or key == "federation.device"):
             raise ConfigError(f"{key}: only attack.* keys can change when attacking a finished run")
     config = load_config(run_dir / rundir.CONFIG, overrides)
+    previous = rundir.read_json(run_dir / rundir.RESULTS)
+    verify_trained(run_dir, config, previous)
     check_device(config)
+    check_model(config)
     taskset = load_taskset(config)
     check_task_sizes(config, taskset)
     from fedtask.models import pick_device
     from fedtask.oracle import embedding_oracle
 
     device = pick_device(config.federation.device)
-    oracle = embedding_oracle(config, taskset.spec, run_dir / rundir.ENCODER, device)
-    null_oracle = embedding_oracle(config, taskset.spec, run_dir / rundir.INITIAL_ENCODER, device)
+    try:
+        oracle = embedding_oracle(config, taskset.spec, run_dir / rundir.ENCODER, device)
+        null_oracle = embedding_oracle(config, taskset.spec, run_dir / rundir.INITIAL_ENCODER, device)
+    except (ValueError, RuntimeError) as err:  # a checkpoint whose shapes do not fit config.toml
+        raise ConfigError(str(err).strip().splitlines()[0][:300]) from None
     pools = {access: ([t.challenge_pool(access) for t in taskset.in_tasks],
                       [t.challenge_pool(access) for t in taskset.out_tasks]) for access in ("strong", "weak")}
     from attacks import format_tables, run_security_games, write_report
@@ -210,13 +273,48 @@ def run_attack(run_dir: Path, overrides: list[str] | None = None) -> dict:
             bootstrap=attack.bootstrap, batch_size=attack.batch_size, progress=log)
     except ValueError as err:
         raise parameter_error(err, ATTACK_KEYS) from None
-    results = json.loads((run_dir / rundir.RESULTS).read_text())
-    results["config"] = config.to_dict()
-    results["attacks"] = attack_results
+    if previous.get("attacks"):
+        log(f"replacing the attacks in {run_dir / rundir.RESULTS} (made with "
+            f"{_attack_settings(previous.get('config', {}).get('attack', {}))}) by the new ones")
+    results = {**previous, "config": config.to_dict(), "attacks": attack_results}
     rundir.write_json(run_dir / rundir.RESULTS, results)
     write_report(results, raw_scores, run_dir)
     print(format_tables(results), flush=True)
     return results
+
+
+def verify_trained(run_dir: Path, config: Config, results: dict) -> None:
+    """The run directory's config and encoders must be those it was trained with."""
+    fingerprint = results.get("fingerprint")
+    if not fingerprint:
+        log(f"{run_dir}: made by an older fedtask, without a fingerprint: config.toml and the encoders "
+            "cannot be checked against training")
+        return
+    if training_fingerprint(config) != fingerprint["training_config"]:
+        trained = _flat(results.get("config", {}))
+        now = _flat(config.to_dict())
+        changed = [key for key in sorted(set(trained) | set(now)) if not key.startswith("attack.")
+                   and key != "federation.device" and trained.get(key) != now.get(key)]
+        detail = (f"{changed[0]} is {now.get(changed[0])!r} in config.toml but the model was trained with "
+                  f"{trained.get(changed[0])!r}") if changed else "it differs from the configuration trained with"
+        raise ConfigError(f"{run_dir / rundir.CONFIG}: {detail}; attacking it would test other tasks than "
+                          "the model saw")
+    for name, key in ((rundir.ENCODER, "encoder"), (rundir.INITIAL_ENCODER, "initial_encoder")):
+        if rundir.file_digest(run_dir / name) != fingerprint[key]:
+            raise ConfigError(f"{run_dir / name}: not the file this run wrote (its SHA-256 differs from "
+                              f"{rundir.RESULTS}'s fingerprint)")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
+
+
+def _attack_settings(attack: dict) -> str:
+    return ", ".join(f"{key}={attack[key]}" for key in ("k_strong", "k_weak", "trials", "whiten", "cosine")
+                     if key in attack) or "unknown settings"
 
 
 def run_experiment(config: Config, out_dir: Path, *, engine: Engine | None = None) -> dict:

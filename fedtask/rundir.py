@@ -6,8 +6,11 @@ run never looks like a finished one. Tensors are safetensors, never pickle.
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import math
+import os
 import shutil
 from datetime import datetime
 from pathlib import Path
@@ -15,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from fedtask.config import ConfigError
 
 CONFIG = "config.toml"
 ENCODER = "encoder.safetensors"
@@ -31,24 +36,79 @@ def default_out_dir(name: str) -> Path:
     return Path("outputs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
+LOCK = ".lock"  # inside the .incomplete directory, held (flock) by the process writing the run
+
+
 def incomplete(out_dir: Path) -> Path:
     """Where a run into ``out_dir`` is built until it is complete."""
     out_dir = Path(out_dir)
     return out_dir.with_name(out_dir.name + ".incomplete")
 
 
-def publish(work: Path, out_dir: Path) -> None:
-    """Move a complete run from ``work`` into ``out_dir`` (which may exist, holding no run)."""
-    work, out_dir = Path(work), Path(out_dir)
-    if not out_dir.exists():
-        work.replace(out_dir)
-        return
-    for item in work.iterdir():
-        target = out_dir / item.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        item.replace(target)
-    work.rmdir()
+def check_new_output(out_dir: Path) -> Path:
+    """``out_dir`` resolved, if a new run may be written there: it must not exist, or be an empty
+    directory, and its parent must be a writable directory. Nothing is created."""
+    path = Path(out_dir).expanduser().resolve()
+    if not path.name or path == Path.cwd() or path == Path.home():
+        raise ConfigError(f"{out_dir}: --out must name a new directory for this run (not {path})")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{out_dir}: exists and is not a directory; choose another --out")
+    if path.is_dir() and any(path.iterdir()):
+        what = "holds a finished run" if (path / RESULTS).is_file() else "exists and is not empty"
+        raise ConfigError(f"{out_dir}: {what}; choose another --out (nothing is overwritten)")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{out_dir}: {parent} is a file, so no directory can be created under it")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{out_dir}: {parent} is not writable")
+    return path
+
+
+class RunDirectory:
+    """A run being written: ``<out>.incomplete`` held under an exclusive lock, renamed to ``<out>``
+    by :meth:`publish` once complete, removed by :meth:`discard` if the run fails.
+
+    A second run on the same ``--out`` finds the lock held and is refused; an ``.incomplete``
+    directory whose lock is free is an interrupted run, left in place for the user to remove.
+    """
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = check_new_output(out_dir)
+        self.work = incomplete(self.out_dir)
+        try:
+            self.work.parent.mkdir(parents=True, exist_ok=True)
+            self.work.mkdir()
+        except FileExistsError:
+            self._refuse_existing()
+        except OSError as err:
+            raise ConfigError(f"{out_dir}: cannot create {self.work} ({err.strerror})") from None
+        self._lock = open(self.work / LOCK, "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another process made the directory first, a moment ago
+            self._lock.close()
+            raise ConfigError(f"{out_dir}: another run is writing to {self.work}") from None
+
+    def _refuse_existing(self) -> None:
+        with open(self.work / LOCK, "a") as probe:
+            try:
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ConfigError(f"{self.out_dir}: another run is writing to {self.work}") from None
+        raise ConfigError(f"{self.out_dir}: {self.work} holds an interrupted run; remove it to start again")
+
+    def publish(self) -> None:
+        (self.work / LOCK).unlink()
+        if self.out_dir.exists():
+            self.out_dir.rmdir()  # empty (checked when the run started)
+        self.work.replace(self.out_dir)
+        self._lock.close()
+
+    def discard(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
+        self._lock.close()
 
 
 def write_json(path: Path, payload) -> None:
@@ -90,8 +150,31 @@ def save_state(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, s
 def load_state(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    return load_file(str(path))
+        raise ConfigError(f"{path}: checkpoint not found")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors' own error type for truncated or foreign files
+        raise ConfigError(f"{path}: not a readable safetensors file ({str(err).splitlines()[0][:120]})") from None
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file the run wrote, or one line naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: missing") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file, to tell later whether it is still the one a run wrote."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def save_head(heads_dir: Path, partition_id: int, task_name: str, private: dict[str, torch.Tensor]) -> None:

@@ -14,6 +14,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedtask.config import ConfigError, load_config, with_overrides
+from fedtask.engines import TrainingFailed
 from fedtask.federation import GridEngine
 from fedtask.pipeline import run_attack, run_training
 from fedtask.rundir import default_out_dir
@@ -35,3 +36,6 @@ def main(grid: Grid, context: Context) -> None:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    except TrainingFailed as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None

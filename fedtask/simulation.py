@@ -7,11 +7,14 @@ import os
 from concurrent.futures import Future
 from pathlib import Path
 
+import torch
 from flwr.app import Context
+from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
-from fedtask.client_app import app as client_app
+from fedtask.client_app import app as default_client_app
+from fedtask.config import ConfigError
 from fedtask.engines import RoundHook, TrainingOutcome
 from fedtask.federation import run_federation
 
@@ -29,6 +32,23 @@ def backend_config(config) -> dict:
 
 
 class FlowerSimulationEngine:
+    def __init__(self, client_app: ClientApp = default_client_app):
+        self.client_app = client_app  # tests inject failing clients here
+
+    def check(self, config) -> None:
+        """Resources this machine cannot give: refused here, or Ray waits for them for ever."""
+        fed = config.federation
+        if fed.ray_address:
+            return  # a cluster's resources are known only once joined
+        cpus = os.cpu_count() or 1
+        if fed.num_cpus_per_client > cpus:
+            raise ConfigError(f"federation.num_cpus_per_client: {fed.num_cpus_per_client:g} CPUs per client, "
+                              f"but this machine has {cpus}")
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if fed.num_gpus_per_client > gpus:
+            raise ConfigError(f"federation.num_gpus_per_client: {fed.num_gpus_per_client:g} GPUs per client, but "
+                              f"this machine has {gpus}" + ("; set it to 0" if gpus == 0 else ""))
+
     def train(self, config, taskset, out_dir: Path, *, on_round: RoundHook | None = None) -> TrainingOutcome:
         """Run the FedSGD ServerApp against ``data.num_in_tasks`` simulated SuperNodes."""
         result: Future = Future()  # run_simulation swallows the ServerApp's exceptions: carry them out
@@ -43,7 +63,7 @@ class FlowerSimulationEngine:
 
         logging.getLogger("flwr").setLevel(logging.ERROR)  # hides run_simulation's deprecation notice
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # and Ray's GPU-env tip
-        run_simulation(server_app=server, client_app=client_app, num_supernodes=config.data.num_in_tasks,
+        run_simulation(server_app=server, client_app=self.client_app, num_supernodes=config.data.num_in_tasks,
                        backend_config=backend_config(config))
         if not result.done():
             raise RuntimeError("the Flower simulation ended without a result (see the log above)")

@@ -43,8 +43,7 @@ def _label(epsilon: float) -> str:
 
 def dp_sweep(config, epsilons: list[float], out_dir: Path) -> list[dict]:
     out_dir = Path(out_dir)
-    if (out_dir / "dp_sweep.json").exists():
-        raise ConfigError(f"{out_dir}: already holds a sweep (dp_sweep.json); choose another --out")
+    rundir.check_new_output(out_dir)
     configs = [budget_config(config, eps) for eps in epsilons]  # all budgets checked before any training
     rows = []
     for epsilon, run_config in zip(epsilons, configs):

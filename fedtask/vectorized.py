@@ -112,6 +112,9 @@ def _mean_gradient_round(model, shared: dict, private: dict, x: torch.Tensor, y:
 class VectorizedEngine:
     """The ``vectorized`` engine (see the module docstring)."""
 
+    def check(self, config) -> None:
+        """One process needs no per-client resources; what it cannot batch is refused in ``train``."""
+
     def train(self, config, taskset: TaskSet, out_dir: Path, *, on_round: RoundHook | None = None) -> TrainingOutcome:
         return train_vectorized(config, taskset, out_dir, on_round=on_round)
 

@@ -31,9 +31,14 @@ class FederationError(RuntimeError):
 class FedSGDStrategy(Strategy):
     def __init__(self, aggregator: EncoderAggregator, *, node_of_partition: dict[int, int], run_config_json: str,
                  tasks_per_round: int, warm_start_rounds: int, seed: int, dp_enabled: bool = False,
-                 on_round: Callable[[dict], None] | None = None):
+                 max_failed_fraction: float = 0.0, on_round: Callable[[dict], None] | None = None):
+        if not 0.0 <= max_failed_fraction <= 1.0:
+            raise ValueError(f"max_failed_fraction must be in [0, 1]; got {max_failed_fraction}")
         self.aggregator = aggregator
         self.node_of_partition = node_of_partition
+        self.partition_of_node = {node: pid for pid, node in node_of_partition.items()}
+        self.max_failed_fraction = max_failed_fraction
+        self._sampled: list[int] = []
         self.num_tasks = len(node_of_partition)
         self.run_config_json = run_config_json
         self.tasks_per_round = tasks_per_round
@@ -61,11 +66,36 @@ class FedSGDStrategy(Strategy):
             "config": ConfigRecord({"run-config": self.run_config_json, "server-round": server_round,
                                     "warm-start": self.is_warm_start(server_round)}),
         })
+        self._sampled = self.sample(server_round)
         return [Message(content=record, message_type="train", dst_node_id=self.node_of_partition[pid])
-                for pid in self.sample(server_round)]
+                for pid in self._sampled]
+
+    def failed_tasks(self, replies: list[Message]) -> dict[int, str]:
+        """Sampled tasks without a usable reply: the client raised, or did not answer in time."""
+        failed = {self.partition_of_node.get(m.metadata.src_node_id, -1): m.error.reason
+                  for m in replies if m.has_error()}
+        answered = {self.partition_of_node.get(m.metadata.src_node_id, -1) for m in replies}
+        failed.update({pid: "no reply before federation.reply_timeout" for pid in self._sampled
+                       if pid not in answered})
+        return dict(sorted(failed.items()))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        replies = sorted(check_replies(replies), key=lambda m: int(m.content["metrics"]["partition-id"]))
+        """Aggregate the replies that arrived, in partition-id order; failed tasks are dropped.
+
+        Without DP the mean is over the tasks that replied; with DP the divisor stays the
+        expected number of tasks, so the noise and the accounting stay valid (a failed task
+        contributes a zero update, which clipping allows).
+        """
+        replies = list(replies)
+        failed = self.failed_tasks(replies)
+        if failed and len(failed) > self.max_failed_fraction * len(self._sampled):
+            pid, reason = next(iter(failed.items()))
+            raise FederationError(
+                f"round {server_round}: {len(failed)} of {len(self._sampled)} sampled tasks failed "
+                f"(more than federation.max_failed_fraction = {self.max_failed_fraction:g}); "
+                f"task {pid}: {reason}")
+        replies = sorted((m for m in replies if not m.has_error()),
+                         key=lambda m: int(m.content["metrics"]["partition-id"]))
         losses = [float(m.content["metrics"]["loss"]) for m in replies]
         stats: dict = {}
         if not self.is_warm_start(server_round):
@@ -75,6 +105,8 @@ class FedSGDStrategy(Strategy):
                         tasks=[int(m.content["metrics"]["partition-id"]) for m in replies],
                         loss=sum(losses) / len(losses) if losses else float("nan"),
                         seconds=time.perf_counter() - self._round_started, stats=stats)
+        if failed:
+            row["failed"] = {str(pid): reason for pid, reason in failed.items()}
         if self.on_round:
             self.on_round(row)
         metrics = MetricRecord({"loss": row["loss"], "num-tasks": len(replies)})

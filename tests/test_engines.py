@@ -44,6 +44,9 @@ def test_the_round_hook_sees_every_round_and_the_released_encoder(tmp_path):
 
 def test_a_failing_engine_leaves_nothing_behind(tmp_path):
     class Broken:
+        def check(self, config):
+            pass
+
         def train(self, config, taskset, out_dir, *, on_round=None) -> TrainingOutcome:
             (out_dir / "heads").mkdir()
             raise RuntimeError("client crashed")

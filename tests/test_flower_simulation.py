@@ -46,7 +46,9 @@ def max_diff(a, b):
 
 def test_same_seed_gives_identical_files(runs):
     # Flower equals the vectorised engine (below); the vectorised engine repeats itself byte for byte
-    for name in ("encoder.safetensors", "encoder_init.safetensors"):
+    files = sorted(p.relative_to(runs["vector"]) for p in runs["vector"].rglob("*.safetensors"))
+    assert len(files) == 8  # two encoders, six heads
+    for name in files:
         assert (runs["vector"] / name).read_bytes() == (runs["vector_again"] / name).read_bytes(), name
     assert max_diff(encoder(runs["flower_a"]), load_file(str(runs["flower_a"] / "encoder_init.safetensors"))) > 1e-4
 

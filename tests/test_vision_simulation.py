@@ -1,4 +1,6 @@
-"""A two-round Flower federation of FEMNIST writers on ResNet-8, then the attack on its output."""
+"""A two-round federation of FEMNIST writers on ResNet-8 with augmentation, then the attack on its output.
+
+The vectorised engine runs it (no Ray start: the Flower engine equals it, tests/test_flower_simulation.py)."""
 from __future__ import annotations
 
 import json
@@ -14,14 +16,13 @@ from vision_datasets import write_femnist
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.simulation
 def test_femnist_resnet8_federation_then_attack(tmp_path):
     data = write_femnist(tmp_path / "femnist", [28] * 8 + [12] * 2)
     config = load_config(ROOT / "configs" / "femnist.toml", [
         f"data.path={data}", "data.num_in_tasks=4", "data.num_out_tasks=4", "data.train_samples_per_task=16",
         "data.holdout_samples_per_task=8", "federation.tasks_per_round=2", "federation.rounds=2",
         "federation.warm_start_rounds=1", "attack.k_strong=4", "attack.k_weak=4", "attack.trials=8",
-        "attack.bootstrap=20"])
+        "attack.bootstrap=20", 'federation.engine="vectorized"'])
     assert config.model.encoder == "resnet8" and config.data.augment
     out = tmp_path / "run"
     results = pipeline.run_experiment(config, out)
