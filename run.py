@@ -7,6 +7,7 @@
     python run.py attack     --run DIR     [--set KEY=VALUE ...]
     python run.py dp-sweep   --config FILE --epsilons inf,16,8 [--set ...] [--out DIR]
     python run.py tracing    [--tasks 256 --dim 256 --samples 8 --k 4 --trials 4000 ...] [--out DIR]
+    python run.py study      --spec FILE [--out DIR] [--workers N]
     python run.py bench      [--out DIR] [--quick]
 
 Bad input exits with status 2 and one line naming the key or file.
@@ -48,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
                                 ("seed", 0, int)):
         p.add_argument(f"--{flag}", type=kind, default=default)
     p.add_argument("--out", default=None)
+    p = sub.add_parser("study", help="a grid of settings x replicate seeds, summarised across seeds")
+    p.add_argument("--spec", required=True, help="study file (TOML): base, set, seeds, [[axis]]")
+    p.add_argument("--out", default=None, help="output directory (default: outputs/<spec>-<timestamp>/); "
+                                               "re-run with the same --out to resume")
+    p.add_argument("--workers", type=int, default=0, help="worker processes for vectorized runs (default: CPUs)")
     p = sub.add_parser("bench", help="speed benchmarks: engines, Flower overhead, attack throughput")
     p.add_argument("--out", default=None)
     p.add_argument("--quick", action="store_true", help="smaller settings, for a smoke check")
@@ -148,6 +154,15 @@ def _dispatch(args) -> int:
             raise parameter_error(err, TRACING_FLAGS) from None
         print(format_tracing(result))
         print(f"wrote {out / 'tracing.json'} and {out / 'tracing.png'}", file=sys.stderr)
+        return 0
+    if args.command == "study":
+        from fedtask.study import run_study
+
+        if args.workers < 0:
+            raise ConfigError(f"--workers: must be >= 0 (0 = one per CPU); got {args.workers}")
+        out = Path(args.out) if args.out else _out_dir(None, Path(args.spec).stem + "-study")
+        run_study(args.spec, out, workers=args.workers)
+        print((out / "study.md").read_text(), flush=True)
         return 0
     if args.command == "bench":
         from fedtask.bench import run_bench
