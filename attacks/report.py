@@ -4,6 +4,7 @@ plus ROC curves (roc.png) and statistic histograms (hist.png, paper Figure 4).
 
 from __future__ import annotations
 
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -56,19 +57,47 @@ def _privacy_table(privacy: dict) -> str:
     return markdown_table(["task-level DP", *fields], [["on", *(_number(privacy.get(f)) for f in fields)]])
 
 
+MIN_OUT_BEYOND = 20  # OUT points above a threshold for its false-positive rate to mean something
+
+
+def tpr_cell(metrics: dict, level: str) -> str:
+    """TPR at a FPR with its Clopper-Pearson 95 % interval, or n/a when the threshold rests on fewer
+    than ``MIN_OUT_BEYOND`` OUT points (the interval treats (task, trial) points as independent)."""
+    trials, n_in, n_out = metrics.get("trials"), metrics.get("num_in_tasks"), metrics.get("num_out_tasks")
+    tpr = metrics["tpr_at_fpr"][level]
+    if not (trials and n_in and n_out):
+        return _percent(tpr)
+    beyond = int(Fraction(level) * n_out * trials)
+    if beyond < MIN_OUT_BEYOND:
+        return f"n/a ({beyond} OUT points beyond)"
+    from scipy.stats import beta
+
+    points = n_in * trials
+    hits = round(tpr * points)
+    low = beta.ppf(0.025, hits, points - hits + 1) if hits > 0 else 0.0
+    high = beta.ppf(0.975, hits + 1, points - hits) if hits < points else 1.0
+    return f"{_percent(tpr)} [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def auc_cell(metrics: dict) -> str:
+    """AUC [bootstrap interval]; an interval wholly below 0.5 is a reversed ordering (IN scores lower), a
+    leak in the other direction, not its absence (the paper sees this for the variance statistic, A.7.2)."""
+    low, high = metrics.get("auc_ci95") or (None, None)
+    text = f"{metrics['auc']:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None else "")
+    return text + (" (reversed: IN lower)" if high is not None and high < 0.5 else "")
+
+
 def _attack_tables(statistic: str, games: dict) -> str:
     present = [g for g in GAME_LABELS if g in games]
     summary_rows = []
     for game in present:
         m = games[game]
-        low, high = m.get("auc_ci95") or (None, None)
-        ci = f" [{low:.3f}, {high:.3f}]" if low is not None else ""
-        summary_rows.append([GAME_LABELS[game], f"{m['auc']:.3f}{ci}",
-                             *(_percent(m["tpr_at_fpr"][level]) for level in FPR_LEVELS),
+        summary_rows.append([GAME_LABELS[game], auc_cell(m), *(tpr_cell(m, level) for level in FPR_LEVELS),
                              str(m.get("k", "")), str(m.get("trials", "")),
                              f"{m.get('num_in_tasks', '')} / {m.get('num_out_tasks', '')}"])
     summary = markdown_table(
-        ["access", "AUC [95% CI]", *(f"TPR @ {float(level) * 100:g}% FPR" for level in FPR_LEVELS), "k", "trials",
+        ["access", "AUC [95% CI]", *(f"TPR @ {float(level) * 100:g}% FPR [95% CI]" for level in FPR_LEVELS), "k",
+         "trials",
          "IN / OUT tasks"], summary_rows)
     percentile_rows = []
     for game in present:
@@ -80,6 +109,10 @@ def _attack_tables(statistic: str, games: dict) -> str:
     header = ["access"] + [h for q in PERCENTILES for h in (f"{q}th pct (TPR, FPR)", "Acc.")]
     percentiles = markdown_table(header, percentile_rows)
     title = _title(statistic)
+    ks = {game: games[game].get("k") for game in ("strong", "weak") if game in games}
+    if len(set(ks.values())) > 1:
+        summary += (f"\n\nStrong uses k = {ks['strong']}, weak k = {ks['weak']}: their AUCs are not directly "
+                    "comparable (set attack.k_strong = attack.k_weak to compare them).")
     return (f"### {title}\n\n{summary}\n\n"
             f"Black-box percentile thresholds (IN when the statistic exceeds the percentile of all scores):\n\n"
             f"{percentiles}")
@@ -89,12 +122,21 @@ def format_tables(results: dict) -> str:
     """The report's tables (Markdown, also readable on a terminal) for a results.json dict."""
     parts = ["## Utility", _utility_table(results.get("utility") or {}),
              "## Privacy", _privacy_table(results.get("privacy") or {})]
+    audit = (results.get("privacy") or {}).get("empirical_epsilon_lower_bound")
+    if audit:  # attacks/audit.py
+        from .audit import format_audit
+
+        parts.append(format_audit(audit))
     attacks = results.get("attacks")
     parts.append("## Task-inference attacks")
     if not attacks:
         parts.append("No attacks were run (train only); run `python run.py attack --run DIR`.")
     else:
         parts += [_attack_tables(statistic, games) for statistic, games in attacks.items()]
+    if results.get("calibrated"):  # attacks/calibration.py
+        from .calibration import format_calibrated
+
+        parts.append(format_calibrated(results["calibrated"]))
     return "\n\n".join(parts)
 
 
@@ -172,6 +214,10 @@ def write_report(results: dict, raw_scores: dict | None, out_dir) -> Path:
     if config_line:
         sections.append(config_line)
     sections.append(format_tables(results))
+    if results.get("attacks") and results.get("per_task"):
+        from .leakage import format_leakage
+
+        sections.append(format_leakage(results["per_task"]))
     if results.get("attacks") and raw_scores:
         plot_roc(results, raw_scores, out_dir / "roc.png")
         plot_histograms(raw_scores, out_dir / "hist.png")

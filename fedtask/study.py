@@ -124,6 +124,7 @@ def plan(spec: StudySpec, out_dir: Path) -> list[PlannedRun]:
     """Every (cell, seed) run, each config checked now: a bad cell stops the study before training."""
     base = load_config(spec.base, spec.overrides)
     runs = []
+    trained: dict[Config, Path] = {}  # cells that resolve to the same config share their runs (the base, per axis)
     for index, cell in enumerate(cells(spec)):
         try:
             cell_config = with_overrides(base, cell.settings)
@@ -131,8 +132,9 @@ def plan(spec: StudySpec, out_dir: Path) -> list[PlannedRun]:
             raise ConfigError(f"study cell {cell.label!r}: {err}") from None
         for offset in range(spec.seeds):
             seed = base.seed + offset
-            runs.append(PlannedRun(index, seed, with_overrides(cell_config, {"seed": seed}),
-                                   out_dir / "runs" / _slug(index, cell) / f"seed_{seed}"))
+            config = with_overrides(cell_config, {"seed": seed})
+            directory = trained.setdefault(config, out_dir / "runs" / _slug(index, cell) / f"seed_{seed}")
+            runs.append(PlannedRun(index, seed, config, directory))
     return runs
 
 
@@ -192,19 +194,20 @@ def run_study(spec_path: str | Path, out_dir: Path, *, workers: int = 0) -> dict
     (out_dir / "study.spec.toml").write_text(Path(spec_path).read_text())
     flower = any(run.config.federation.engine == "flower" for run in runs)
     workers = 1 if flower else (workers or min(len(runs), os.cpu_count() or 1))
-    todo = [run for run in runs if not _finished(run.directory)]
+    todo = list({run.directory: run for run in runs if not _finished(run.directory)}.values())
     for run in todo:
         _clear_partial(run.directory)
     started = time.perf_counter()
     seconds: dict[Path, float] = {}
     errors: dict[Path, str] = {}
-    _progress(len(runs) - len(todo), len(runs), started, None)
+    total = len({run.directory for run in runs})
+    _progress(total - len(todo), total, started, None)
     logs = out_dir / "logs"
     if workers == 1:
         for run in todo:
             seconds[run.directory], error = _run_one(run.config, run.directory, logs / _log_name(run))
             _note(errors, run, error)
-            _progress(len(runs) - len(todo) + len(seconds), len(runs), started, seconds)
+            _progress(total - len(todo) + len(seconds), total, started, seconds)
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
         context = multiprocessing.get_context("spawn")  # forking a process that holds torch's threads is unsafe
@@ -214,7 +217,7 @@ def run_study(spec_path: str | Path, out_dir: Path, *, workers: int = 0) -> dict
                 run = futures[future]
                 seconds[run.directory], error = future.result()
                 _note(errors, run, error)
-                _progress(len(runs) - len(todo) + len(seconds), len(runs), started, seconds)
+                _progress(total - len(todo) + len(seconds), total, started, seconds)
     print(file=sys.stderr)
     result = summarise(spec, runs, out_dir, errors)
     result["timing"] = {"total_s": time.perf_counter() - started, "workers": workers, "runs_done_now": len(todo),
@@ -237,13 +240,16 @@ def _note(errors: dict, run: PlannedRun, error: str | None) -> None:
 
 
 def _progress(done: int, total: int, started: float, seconds: dict | None) -> None:
+    if not sys.stderr.isatty() and done % max(1, total // 10) and done != total:
+        return  # a log file gets a line per tenth, not a redrawn bar
     elapsed = time.perf_counter() - started
     fresh = len(seconds or {})
     left = (elapsed / fresh) * (total - done) if fresh else math.nan
     width = 30
     bar = "#" * round(width * done / total) + "-" * (width - round(width * done / total))
     eta = "" if math.isnan(left) else f", about {left:.0f} s left"
-    print(f"\rstudy [{bar}] {done}/{total} runs, {elapsed:.0f} s{eta}   ", end="", file=sys.stderr, flush=True)
+    end = "" if sys.stderr.isatty() else "\n"
+    print(f"\rstudy [{bar}] {done}/{total} runs, {elapsed:.0f} s{eta}   ", end=end, file=sys.stderr, flush=True)
 
 
 def summary(values: list[float]) -> dict:

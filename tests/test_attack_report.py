@@ -77,3 +77,23 @@ def test_configuration_line_lists_the_summary_keys_present(tmp_path):
     config = {"data": {"name": "synthetic", "num_in_tasks": 8}, "model": "not a section", "attack": {"cosine": False}}
     report = write_report({**RESULTS, "config": config}, None, tmp_path).read_text()
     assert report.splitlines()[2] == "`data.name` = synthetic, `data.num_in_tasks` = 8, `attack.cosine` = False"
+
+
+def test_tpr_at_fpr_is_shown_only_with_enough_out_points_and_with_its_interval():
+    from scipy.stats import binomtest
+
+    from attacks.report import tpr_cell
+
+    metrics = {"tpr_at_fpr": {"0.001": 0.016, "0.01": 0.0712890625}, "trials": 128, "num_in_tasks": 64,
+               "num_out_tasks": 64}
+    assert tpr_cell(metrics, "0.001") == "n/a (8 OUT points beyond)"  # 0.1 % of 8192 OUT points
+    hits = round(0.0712890625 * 8192)
+    interval = binomtest(hits, 8192).proportion_ci(method="exact")  # Clopper-Pearson
+    assert tpr_cell(metrics, "0.01") == f"7.1% [{100 * interval.low:.1f}, {100 * interval.high:.1f}]"
+
+
+def test_an_auc_interval_wholly_below_half_is_flagged_as_reversed():
+    from attacks.report import auc_cell
+
+    assert auc_cell({"auc": 0.31, "auc_ci95": [0.22, 0.41]}).endswith("(reversed: IN lower)")
+    assert "reversed" not in auc_cell({"auc": 0.47, "auc_ci95": [0.40, 0.54]})

@@ -115,3 +115,17 @@ def test_an_existing_directory_that_is_not_a_study_is_refused(tmp_path):
     (other / "notes.txt").write_text("x")
     with pytest.raises(ConfigError, match="is not a study"):
         run_study(write(tmp_path, SPEC), other, workers=1)
+
+
+def test_cells_that_resolve_to_the_same_config_share_their_runs(tmp_path):
+    from fedtask.study import plan
+
+    text = SPEC.replace("values = [8, 16]", "values = [16, 8]").replace(
+        '"model.embedding_dim" = 4, "data.projection_dim" = 4', '"model.embedding_dim" = 16, "data.projection_dim" = 16')
+    runs = plan(load_spec(write(tmp_path, text)), tmp_path / "study")
+    # synthetic.toml has 32 samples per task and projection_dim 4, so nothing is shared yet
+    assert len({r.directory for r in runs}) == 6
+    base = SPEC.replace("values = [8, 16]", "values = [8, 32]").replace(
+        '"model.embedding_dim" = 4, "data.projection_dim" = 4', '"model.embedding_dim" = 8, "data.projection_dim" = 4')
+    runs = plan(load_spec(write(tmp_path, base, "base.toml")), tmp_path / "study")
+    assert len(runs) == 6 and len({r.directory for r in runs}) == 4  # the base cell (32 samples) is trained once
