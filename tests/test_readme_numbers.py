@@ -53,3 +53,14 @@ def test_study_table_matches_docs_figure6():
                            *(text(games[g]["auc"]) for g in ("strong", "weak", "null_control"))]
     assert study["cells"][0]["seeds"] == [0, 1, 2, 3]
     assert re.search(r"4 seeds \(0-3\)", README)
+
+
+def test_inner_product_table_matches_docs_inner_product():
+    study = json.loads((ROOT / "docs" / "inner_product" / "study.json").read_text())
+    rows = table_after("pairwise inner-product attack:\n")
+    assert [row[0] for row in rows] == [str(cell["settings"]["data.task_std"]) for cell in study["cells"]]
+    for row, cell in zip(rows, study["cells"]):
+        games = cell["summary"]["attacks"]["inner_product"]
+        text = [f"{s['mean']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]" for s in
+                (cell["summary"]["in_task_accuracy"], *(games[g]["auc"] for g in ("strong", "weak", "null_control")))]
+        assert row[1:] == text
