@@ -8,7 +8,9 @@
     python run.py dp-sweep   --config FILE --epsilons inf,16,8 [--set ...] [--out DIR]
     python run.py tracing    [--tasks 256 --dim 256 --samples 8 --k 4 --trials 4000 ...] [--out DIR]
     python run.py study      --spec FILE [--out DIR] [--workers N]
-    python run.py bench      [--out DIR] [--quick]
+    python run.py trajectory --run DIR     [--set attack.KEY=VALUE ...] [--head-steps N]
+    python run.py heads      --run DIR
+    python run.py bench      [--out DIR] [--quick] [--accountants] [--peers [--peers-python PYTHON] [--threads N]]
 
 Bad input exits with status 2 and one line naming the key or file.
 """
@@ -40,6 +42,13 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("attack", help="attack a finished run post-training")
     p.add_argument("--run", required=True, help="a run directory written by train/experiment")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override attack.* keys")
+    p = sub.add_parser("trajectory", help="attacks and generalization gaps at every encoder snapshot of a run")
+    p.add_argument("--run", required=True, help="a run trained with federation.snapshot_every > 0")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override attack.* keys")
+    p.add_argument("--head-steps", type=int, default=None,
+                   help="steps of each task's probe head (default: the head steps an IN client took over the run)")
+    p = sub.add_parser("heads", help="pairwise similarity of a run's trained task heads")
+    p.add_argument("--run", required=True, help="a run directory written by train/experiment")
     p = sub.add_parser("dp-sweep", help="one federation per privacy budget, each attacked")
     with_config(p)
     p.add_argument("--epsilons", required=True, help="comma-separated budgets, 'inf' for no noise")
@@ -57,6 +66,14 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="speed benchmarks: engines, Flower overhead, attack throughput")
     p.add_argument("--out", default=None)
     p.add_argument("--quick", action="store_true", help="smaller settings, for a smoke check")
+    p.add_argument("--accountants", action="store_true",
+                   help="only (with --peers: also) the epsilon of RDP, PRV and PLD for the same (q, z, T, delta)")
+    p.add_argument("--peers", action="store_true",
+                   help="only (with --accountants: also) pfl-research beside the vectorized engine on the same work")
+    p.add_argument("--peers-python", default=None, metavar="PYTHON",
+                   help="interpreter that has pfl installed (default: $FEDTASK_PEERS_PYTHON, else this one)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="--peers: torch threads for both sides (default: torch's own count)")
     return parser
 
 
@@ -142,6 +159,18 @@ def _dispatch(args) -> int:
     if args.command == "attack":
         pipeline.run_attack(Path(args.run), args.set)
         return 0
+    if args.command == "trajectory":
+        from fedtask import rundir
+        from fedtask.trajectory import run_trajectory
+
+        run_trajectory(Path(args.run), overrides=args.set, head_steps=args.head_steps)
+        print((Path(args.run) / rundir.TRAJECTORY_REPORT).read_text(), flush=True)
+        return 0
+    if args.command == "heads":
+        from fedtask.heads import format_heads, run_heads
+
+        print(format_heads(run_heads(Path(args.run))), flush=True)
+        return 0
     if args.command == "tracing":
         from attacks import format_tracing, write_tracing
 
@@ -165,6 +194,12 @@ def _dispatch(args) -> int:
         print((out / "study.md").read_text(), flush=True)
         return 0
     if args.command == "bench":
+        if args.peers or args.accountants:
+            from fedtask.bench_peers import run_sections
+
+            run_sections(_out_dir(args.out, "bench"), peers=args.peers, accountants=args.accountants,
+                         quick=args.quick, python=args.peers_python, threads=args.threads)
+            return 0
         from fedtask.bench import run_bench
 
         run_bench(_out_dir(args.out, "bench"), quick=args.quick)

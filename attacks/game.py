@@ -243,3 +243,10 @@ def run_security_games(
             f"k={k}: {aucs} ({time.perf_counter() - started:.1f} s)"
         )
     return results, raw_scores
+
+
+def task_mean_scores(raw_scores: dict) -> dict:
+    """Each task's mean score over its trials, {statistic: {game: {"in": (n_in,), "out": (n_out,)}}}:
+    which tasks look IN, from ``run_security_games``'s raw scores (rows are tasks)."""
+    return {name: {game: {side: np.asarray(scores, dtype=np.float64).mean(axis=1) for side, scores in sides.items()}
+                   for game, sides in games.items()} for name, games in raw_scores.items()}

@@ -170,7 +170,8 @@ def plot_roc(results: dict, raw_scores: dict, path) -> None:
             smallest_fpr = min(smallest_fpr, 1.0 / np.size(scores["out"]))
             auc = ((results.get("attacks") or {}).get(statistic) or {}).get(game, {}).get("auc")
             label = GAME_LABELS.get(game, game) + (f" (AUC {auc:.3f})" if auc is not None else "")
-            ax.plot(fpr[keep], tpr[keep], lw=1.8, label=label, **styles.get(game, {}))
+            ax.plot(fpr[keep], tpr[keep], lw=1.8, label=label,  # other curves: calibrated attacks
+                    **styles.get(game, dict(color="tab:green", ls="-.")))
         grid = np.logspace(np.log10(smallest_fpr), 0, 100)
         ax.plot(grid, grid, color="0.7", lw=1, ls=":", label="chance")
         ax.set(xscale="log", yscale="log", xlim=(smallest_fpr, 1), ylim=(smallest_fpr, 1.05),

@@ -232,11 +232,16 @@ def run_bench(out_dir: Path, quick: bool = False) -> dict:
 
     print("bench: attack throughput (512 tasks x 128 trials, both attacks, both adversaries, whitened)", flush=True)
     attack = attack_throughput(n_tasks=128 if quick else 512, trials=128, repeats=1 if quick else 3)
+    from fedtask.bench_peers import accountant_settings, compare_accountants
+
+    print("bench: accountants (RDP, PRV, PLD) on the default DP sweep's settings", flush=True)
+    accountants = compare_accountants(accountant_settings())
     report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "torch_threads": torch.get_num_threads(),
                           "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
               "quick": quick, "num_tasks": num_tasks, "rounds": rounds, "in_process_rounds": fast_rounds, "repeats": repeats,
-              "vectorized_device": str(engine_device(config)), "engines": rows, "attack": attack}
+              "vectorized_device": str(engine_device(config)), "engines": rows, "attack": attack,
+              "accountants": accountants}
     (out_dir / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "bench.md").write_text(format_bench(report))
     print(format_bench(report), flush=True)
@@ -265,5 +270,10 @@ def format_bench(report: dict) -> str:
              f"vectorized engine and reference loop on {report.get('vectorized_device', 'cpu')}, "
              "Flower clients on CPU. Flower overhead per client-round = (Flower round - pure compute / clients "
              "running in parallel) / tasks per round.")
-    return (f"{intro}\n\n{engines}\n\nAttack evaluation after embedding (both attacks, strong + weak, whitened):"
+    text = (f"{intro}\n\n{engines}\n\nAttack evaluation after embedding (both attacks, strong + weak, whitened):"
             f"\n\n{attack}\n")
+    if report.get("accountants"):
+        from fedtask.bench_peers import format_accountants
+
+        text += f"\n{format_accountants(report['accountants'])}\n"
+    return text

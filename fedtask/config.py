@@ -21,6 +21,8 @@ SETTINGS = ("personalization", "multiple_problems")
 HEADS = ("linear", "lora")
 DEVICES = ("auto", "cpu", "cuda")
 MAX_SEED = 2**63 - 1
+CALIBRATIONS = ("none", "shadow")
+SHADOW_MODES = ("online", "offline")
 
 
 class ConfigError(ValueError):
@@ -99,6 +101,7 @@ class FederationConfig:
     samples_per_pass: int = 0           # vectorized engine: most samples per encoder pass; 0 = per device
     reply_timeout: float = 900.0        # flower engine: seconds to wait for a round's replies
     max_failed_fraction: float = 0.1    # flower engine: share of a round's tasks that may fail before the run stops
+    snapshot_every: int = 0             # keep the encoder every N rounds under snapshots/ (0 = off)
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,9 @@ class AttackConfig:
     whiten_lambda: float = 1e-3
     bootstrap: int = 1000
     batch_size: int = 1024
+    calibration: str = "none"           # none (reference-free, the paper's) | shadow (fedtask/shadow.py)
+    shadow_models: int = 16             # shadow federations the calibrated adversary trains (even, >= 4)
+    shadow_mode: str = "online"         # online: each challenge task IN for half the shadows | offline: none
 
 
 @dataclass(frozen=True)
@@ -355,6 +361,8 @@ def validate(config: Config) -> None:
     _require(fed.reply_timeout > 0, "federation.reply_timeout", f"must be > 0 seconds; got {fed.reply_timeout}")
     _require(0 <= fed.max_failed_fraction <= 1, "federation.max_failed_fraction",
              f"must be in [0, 1]; got {fed.max_failed_fraction}")
+    _require(fed.snapshot_every >= 0, "federation.snapshot_every",
+             f"must be >= 0 (0 = no snapshots); got {fed.snapshot_every}")
     _require(fed.samples_per_pass >= 0, "federation.samples_per_pass",
              "must be >= 0 (0 = chosen per device: 1024 on a CPU, 8192 on a GPU)")
 
@@ -377,6 +385,30 @@ def validate(config: Config) -> None:
                  f"k={attack.k_strong} is larger than data.train_samples_per_task={data.train_samples_per_task}")
         _require(attack.k_weak <= data.holdout_samples_per_task, "attack.k_weak",
                  f"k={attack.k_weak} is larger than data.holdout_samples_per_task={data.holdout_samples_per_task}")
+    _validate_calibration(config)
+
+
+def _validate_calibration(config: Config) -> None:
+    """attack.calibration and the shadow federations it asks for (fedtask/shadow.py)."""
+    attack, data = config.attack, config.data
+    _require(attack.calibration in CALIBRATIONS, "attack.calibration",
+             f"must be one of {', '.join(repr(c) for c in CALIBRATIONS)}; got {attack.calibration!r}")
+    _require(attack.shadow_mode in SHADOW_MODES, "attack.shadow_mode",
+             f"must be one of {', '.join(repr(m) for m in SHADOW_MODES)}; got {attack.shadow_mode!r}")
+    _require(attack.shadow_models >= 4 and attack.shadow_models % 2 == 0, "attack.shadow_models",
+             f"must be an even number >= 4 (IN and OUT shadows for every task); got {attack.shadow_models}")
+    if attack.calibration != "shadow":
+        return
+    _require(data.name == "synthetic", "attack.calibration",
+             f"'shadow' needs tasks the adversary owns, disjoint from the target's IN and OUT tasks; data.name = "
+             f"{data.name!r} has no reserved split of users here (only 'synthetic' can draw fresh tasks)")
+    _require(config.model.head == "linear", "attack.calibration",
+             "'shadow' trains the shadow federations with the vectorized engine, which needs model.head = 'linear'")
+    if attack.shadow_mode == "online":
+        _require(data.num_out_tasks <= data.num_in_tasks, "attack.shadow_mode",
+                 f"'online' puts half of the {data.num_in_tasks + data.num_out_tasks} challenge tasks in each shadow "
+                 f"federation of data.num_in_tasks={data.num_in_tasks}: needs data.num_out_tasks <= "
+                 "data.num_in_tasks; use 'offline'")
 
 
 def _validate_language(data: DataConfig, model: ModelConfig) -> None:

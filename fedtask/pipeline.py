@@ -110,6 +110,7 @@ def training_fingerprint(config: Config) -> str:
     tree = config.to_dict()
     tree.pop("attack")
     tree["federation"].pop("device")
+    tree["federation"].pop("snapshot_every", None)  # where copies of the encoder go, not what is trained
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
 
 
@@ -143,7 +144,14 @@ def run_training(config: Config, out_dir: Path, *, engine: Engine | None = None,
         f"engine={fed.engine}" + (f", DP z={config.dp.noise_multiplier:.4g}" if config.dp.enabled else ""))
     started = time.perf_counter()
     try:
-        outcome = engine.train(config, taskset, run.work, on_round=divergence_guard(on_round))
+        hook = on_round
+        if fed.snapshot_every:  # composed only when asked for: no cost otherwise
+            from fedtask.trajectory import snapshot_hook
+
+            hook = snapshot_hook(on_round, run_dir=run.work, every=fed.snapshot_every,
+                                 metadata={"encoder": config.model.encoder,
+                                           "embedding_dim": str(config.model.embedding_dim)})
+        outcome = engine.train(config, taskset, run.work, on_round=divergence_guard(hook))
         seconds = time.perf_counter() - started
         results = write_training(config, run.work, outcome, seconds=seconds, majority=majority_baseline(taskset))
         run.publish()
@@ -273,12 +281,35 @@ def run_attack(run_dir: Path, overrides: list[str] | None = None) -> dict:
             bootstrap=attack.bootstrap, batch_size=attack.batch_size, progress=log)
     except ValueError as err:
         raise parameter_error(err, ATTACK_KEYS) from None
+    calibrated, calibrated_scores = None, {}
+    if attack.calibration == "shadow":  # the shadow-calibrated adversary (fedtask/shadow.py)
+        from fedtask.shadow import run_calibrated
+
+        try:
+            calibrated, calibrated_scores = run_calibrated(config, taskset, oracle, null_oracle, progress=log)
+        except ValueError as err:
+            raise parameter_error(err, ATTACK_KEYS) from None
     if previous.get("attacks"):
         log(f"replacing the attacks in {run_dir / rundir.RESULTS} (made with "
             f"{_attack_settings(previous.get('config', {}).get('attack', {}))}) by the new ones")
-    results = {**previous, "config": config.to_dict(), "attacks": attack_results}
+    from attacks.leakage import per_task_leakage
+
+    per_task = per_task_leakage(raw_scores, in_names=[t.name for t in taskset.in_tasks],
+                                out_names=[t.name for t in taskset.out_tasks],
+                                sizes={access: [len(p) for p in ins + outs] for access, (ins, outs) in pools.items()})
+    results = {**previous, "config": config.to_dict(), "attacks": attack_results, "per_task": per_task}
+    results.pop("calibrated", None)  # a previous attack's, if this one has none
+    if calibrated:
+        results["calibrated"] = calibrated
+    from attacks.audit import DEFAULT_AUDIT_DELTA, audit_candidates, empirical_epsilon_lower_bound
+
+    results["privacy"] = {**previous.get("privacy", {}), "empirical_epsilon_lower_bound": empirical_epsilon_lower_bound(
+        scores={**audit_candidates(raw_scores), **calibrated_scores}, seed=config.seed,
+        delta=config.dp.delta if config.dp.enabled else DEFAULT_AUDIT_DELTA)}
     rundir.write_json(run_dir / rundir.RESULTS, results)
-    write_report(results, raw_scores, run_dir)
+    from attacks.calibration import with_calibrated_curves
+
+    write_report(results, with_calibrated_curves(raw_scores, calibrated, calibrated_scores), run_dir)
     print(format_tables(results), flush=True)
     return results
 
@@ -294,7 +325,8 @@ def verify_trained(run_dir: Path, config: Config, results: dict) -> None:
         trained = _flat(results.get("config", {}))
         now = _flat(config.to_dict())
         changed = [key for key in sorted(set(trained) | set(now)) if not key.startswith("attack.")
-                   and key != "federation.device" and trained.get(key) != now.get(key)]
+                   and key not in ("federation.device", "federation.snapshot_every")
+                   and trained.get(key) != now.get(key)]
         detail = (f"{changed[0]} is {now.get(changed[0])!r} in config.toml but the model was trained with "
                   f"{trained.get(changed[0])!r}") if changed else "it differs from the configuration trained with"
         raise ConfigError(f"{run_dir / rundir.CONFIG}: {detail}; attacking it would test other tasks than "

@@ -29,6 +29,35 @@ METRICS = "metrics.json"
 RESULTS = "results.json"
 REPORT = "report.md"
 TRAINED = (CONFIG, ENCODER, INITIAL_ENCODER, RESULTS)  # what a finished training run holds
+SNAPSHOTS = "snapshots"  # the encoder every federation.snapshot_every rounds
+TRAJECTORY = "trajectory.json"
+TRAJECTORY_REPORT = "trajectory.md"
+TRAJECTORY_PLOT = "trajectory.png"  # AUC and losses against round
+TRAJECTORY_GAPS_PLOT = "trajectory_gaps.png"  # AUC against the generalization gaps (paper Figure 3)
+HEADS_SUMMARY = "heads.json"
+HEADS_PLOT = "heads.png"  # pairwise similarity of the task heads (paper Figure 5)
+
+
+def snapshot_path(run_dir: Path, round_index: int) -> Path:
+    return Path(run_dir) / SNAPSHOTS / f"encoder_round_{round_index:05d}.safetensors"
+
+
+def list_snapshots(run_dir: Path) -> list[tuple[int, Path]]:
+    """(round, path) of every encoder snapshot of a run, by round."""
+    found = []
+    for path in (Path(run_dir) / SNAPSHOTS).glob("encoder_round_*.safetensors"):
+        digits = path.name[len("encoder_round_"):-len(".safetensors")]
+        if digits.isdigit():
+            found.append((int(digits), path))
+    return sorted(found)
+
+
+def write_text(path: Path, text: str) -> None:
+    """A text file, atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def default_out_dir(name: str) -> Path:

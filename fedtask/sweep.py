@@ -55,6 +55,7 @@ def dp_sweep(config, epsilons: list[float], out_dir: Path) -> list[dict]:
         rundir.write_json(out_dir / "dp_sweep.json", rows)  # partial progress survives an interruption
     (out_dir / "dp_sweep.md").write_text(format_sweep(rows))
     plot_sweep(rows, out_dir / "dp_sweep.png")
+    plot_epsilon_audit(rows, out_dir / "dp_audit.png")
     print(format_sweep(rows), flush=True)
     return rows
 
@@ -67,6 +68,9 @@ def sweep_row(target_epsilon: float, results: dict, run_dir: Path) -> dict:
         "noise_multiplier": privacy["noise_multiplier"] if privacy["enabled"] else 0.0,
         "in_task_accuracy": results["utility"]["in_task_accuracy"],
         "auc": {name: {access: attacks[name][access]["auc"] for access in ("strong", "weak")} for name in STATISTICS},
+        # a 95 % lower bound on epsilon from the attacks (attacks/audit.py), beside the accountant's upper bound
+        "empirical_epsilon_lower_bound": (privacy.get("empirical_epsilon_lower_bound") or {}).get("value"),
+        "empirical_epsilon_audit": privacy.get("empirical_epsilon_lower_bound"),
         "run": str(run_dir),
     }
 
@@ -77,12 +81,44 @@ def format_sweep(rows: list[dict]) -> str:
             else f"{value:.3g}"
 
     columns = [(name, access) for name in STATISTICS for access in ("strong", "weak")]
-    header = ["target ε", "ε spent", "noise z", "in-task acc.",
+    header = ["target ε", "ε spent", "empirical ε ≥ (95%)", "noise z", "in-task acc.",
               *(f"{name.replace('_', '-')} AUC {access}" for name, access in columns)]
-    table = [[eps(row["target_epsilon"]), eps(row["epsilon"]), f"{row['noise_multiplier']:.3g}",
+    table = [[eps(row["target_epsilon"]), eps(row["epsilon"]), _bound(row), f"{row['noise_multiplier']:.3g}",
               f"{row['in_task_accuracy']:.3f}", *(f"{row['auc'][name][access]:.3f}" for name, access in columns)]
              for row in rows]
     return "# Task-level DP sweep\n\n" + markdown_table(header, table) + "\n"
+
+
+def _bound(row: dict) -> str:
+    value = row.get("empirical_epsilon_lower_bound")
+    return "n/a" if value is None else f"{value:.3g}"
+
+
+def plot_epsilon_audit(rows: list[dict], path: Path) -> None:
+    """Accountant epsilon (an upper bound) against the attacks' empirical 95 % lower bound, per budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [_label(float(r["target_epsilon"])) for r in rows]
+    xs = range(len(rows))
+    spent = [float(r["epsilon"]) if not math.isinf(float(r["epsilon"])) else math.nan for r in rows]
+    bound = [r.get("empirical_epsilon_lower_bound") for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(xs, spent, "o-", color="black", label="accountant ε (upper bound)")
+    ax.plot(xs, [math.nan if b is None else b for b in bound], "s--", color="tab:red",
+            label="empirical ε (95 % lower bound)")
+    ceiling = [(r.get("empirical_epsilon_audit") or {}).get("max_certifiable") for r in rows]
+    ax.plot(xs, [math.nan if c is None else c for c in ceiling], ":", color="0.5",
+            label="most a perfect attack could certify with these tasks")
+    ax.set(title="Task-level DP audit", xlabel="target ε (task-level)", ylabel="ε", yscale="symlog")
+    ax.set_xticks(list(xs), labels)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_sweep(rows: list[dict], path: Path) -> None:

@@ -19,6 +19,7 @@ from opacus.accountants import create_accountant
 from opacus.accountants.registry import _ACCOUNTANTS as _OPACUS_ACCOUNTANTS
 from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
 
+import strategies.pld  # noqa: F401  (registers Google's PLD accountant as Opacus's "pld")
 from strategies._checks import finite, integer, is_real, shown
 
 __all__ = [
@@ -30,11 +31,12 @@ __all__ = [
 
 # The accountants we offer: the mechanisms of Opacus's own ``create_accountant`` registry that
 # bound the Poisson-subsampled Gaussian mechanism over many steps from a (z, q, steps) history:
-# "rdp" (RDPAccountant) and "prv" (PRVAccountant). Opacus's "gdp" (GaussianAccountant) is left
+# "rdp" (RDPAccountant), "prv" (PRVAccountant) and "pld" (Google dp-accounting's PLD accountant,
+# registered by strategies.pld). Opacus's "gdp" (GaussianAccountant) is left
 # out: its Gaussian-DP bound is a central-limit approximation, accurate only for a small sample
 # rate over very many steps, and it can underestimate the ε spent (Opacus warns so whenever one
 # is built); with tasks_per_round / num_in_tasks often far from small, it would under-report.
-_SUBSAMPLED_GAUSSIAN = frozenset({"rdp", "prv"})
+_SUBSAMPLED_GAUSSIAN = frozenset({"rdp", "prv", "pld"})
 ACCOUNTANTS: tuple[str, ...] = tuple(name for name in _OPACUS_ACCOUNTANTS if name in _SUBSAMPLED_GAUSSIAN)
 # Relative precision of the calibration's binary search: the calibrated z spends
 # between (1 - _REL_TOL) * target and target.
@@ -80,9 +82,11 @@ def epsilon_spent(
     """ε at ``delta`` after ``steps`` rounds of the Poisson-subsampled Gaussian mechanism.
 
     Computed by Opacus's ``RDPAccountant`` (default) or ``PRVAccountant`` (a tighter
-    numerical upper bound). No noise (noise_multiplier == 0) gives no finite guarantee:
-    ``math.inf``; infinite noise (``math.inf``) releases nothing: 0.0. Zero steps release
-    nothing either: 0.0. A ValueError names the parameter it refuses.
+    numerical upper bound), or by "pld", Google dp-accounting's privacy-loss-distribution
+    accountant (``strategies.pld``, the tightest of the three; also an upper bound). No noise
+    (noise_multiplier == 0) gives no finite guarantee: ``math.inf``; infinite noise (``math.inf``)
+    releases nothing: 0.0. Zero steps release nothing either: 0.0. A ValueError names the
+    parameter it refuses.
     """
     _check_accountant(accountant)
     _check_rate(sample_rate)

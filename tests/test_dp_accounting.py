@@ -102,7 +102,7 @@ def test_impossible_target_names_the_parameters():
         (dict(steps=True), r"steps must be an integer >= 1; got True"),
         (dict(target_epsilon=-1.0), r"target_epsilon must be > 0 \(inf = no noise\); got -1\.0"),
         (dict(target_epsilon=math.nan), r"target_epsilon must be > 0 \(inf = no noise\); got nan"),
-        (dict(accountant="gdp"), r"accountant must be one of \('rdp', 'prv'\); got 'gdp'"),
+        (dict(accountant="gdp"), r"accountant must be one of \('rdp', 'prv', 'pld'\); got 'gdp'"),
     ],
 )
 def test_calibration_validates_inputs_naming_its_parameters(kwargs, message):
@@ -122,7 +122,7 @@ def test_calibration_validates_inputs_naming_its_parameters(kwargs, message):
         (dict(sample_rate=math.inf), r"sample_rate must be in \(0, 1\]; got inf"),
         (dict(delta=math.inf), r"delta must be in \(0, 1\); got inf"),
         (dict(steps=-1), r"steps must be an integer >= 0; got -1"),
-        (dict(accountant="gdp"), r"accountant must be one of \('rdp', 'prv'\); got 'gdp'"),
+        (dict(accountant="gdp"), r"accountant must be one of \('rdp', 'prv', 'pld'\); got 'gdp'"),
     ],
 )
 def test_epsilon_validates_inputs_naming_its_parameters(kwargs, message):
@@ -142,7 +142,7 @@ def test_accounting_takes_keywords_only():
 
 
 def test_accountants_come_from_opacus_registry():
-    assert isinstance(ACCOUNTANTS, tuple) and ACCOUNTANTS == ("rdp", "prv")
+    assert isinstance(ACCOUNTANTS, tuple) and ACCOUNTANTS == ("rdp", "prv", "pld")
     assert set(ACCOUNTANTS) <= set(OPACUS_ACCOUNTANTS)
     assert "gdp" in OPACUS_ACCOUNTANTS and "gdp" not in ACCOUNTANTS  # an approximation that may under-report
 
@@ -215,7 +215,7 @@ def test_privacy_report_with_calibrated_noise():
         (dict(delta=math.inf), r"delta must be in \(0, 1\); got inf"),
         (dict(sample_rate=1.5), r"sample_rate must be in \(0, 1\]; got 1\.5"),
         (dict(steps=2.5), r"steps must be an integer >= 0; got 2\.5"),
-        (dict(accountant="gdp"), r"accountant must be one of \('rdp', 'prv'\); got 'gdp'"),
+        (dict(accountant="gdp"), r"accountant must be one of \('rdp', 'prv', 'pld'\); got 'gdp'"),
     ],
 )
 def test_privacy_report_validates_inputs_naming_its_parameters(kwargs, message):

@@ -22,12 +22,20 @@ def make_synthetic_tasks(
     task_std: float = 1.0,
     sample_std: float = 1.0,
     seed: int = 0,
+    task_seed: int | None = None,
 ) -> TaskSet:
-    """Draw 2T tasks; the first ``num_in_tasks`` are IN, the rest OUT (they are i.i.d.)."""
+    """Draw 2T tasks; the first ``num_in_tasks`` are IN, the rest OUT (they are i.i.d.).
+
+    ``seed`` fixes the distribution (the shared projection H) and, unless ``task_seed`` is
+    given, the tasks too; with ``task_seed`` the tasks are fresh draws of the same
+    distribution (the shadow adversary's public pool, fedtask/shadow.py).
+    """
     gen = torch.Generator().manual_seed(seed)
     num_tasks = num_in_tasks + num_out_tasks
     n = train_samples + holdout_samples
     projection = torch.randn(projection_dim, dim, generator=gen) / dim**0.5
+    if task_seed is not None:
+        gen = torch.Generator().manual_seed(task_seed)
     task_means = task_std * torch.randn(num_tasks, 1, dim, generator=gen)
     targets = torch.randn(num_tasks, projection_dim, generator=gen)
     x = task_means + sample_std * torch.randn(num_tasks, n, dim, generator=gen)
