@@ -157,15 +157,22 @@ def pfl_job(config, settings: list[dict]) -> dict:
             "threads": torch.get_num_threads(), "settings": settings}
 
 
+def write_job(job: dict, path: Path) -> None:
+    """The job for pfl's side, never pickled: tensors to ``path.safetensors``, the rest to ``path.json``."""
+    from safetensors.torch import save_file
+
+    tensors = {"x": job["x"], "y": job["y"], **{f"state.{k}": v for k, v in job["state"].items()}}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path) + ".safetensors")
+    Path(str(path) + ".json").write_text(json.dumps({k: v for k, v in job.items() if k not in ("x", "y", "state")}))
+
+
 def run_pfl(python: str, job: dict) -> dict:
     """Run :mod:`fedtask.peers_pfl` under ``python`` on ``job``; its JSON report."""
-    import torch
-
     from fedtask.engines import TrainingFailed
 
     with tempfile.TemporaryDirectory() as tmp:
-        job_path, out_path = Path(tmp) / "job.pt", Path(tmp) / "pfl.json"
-        torch.save(job, job_path)
+        job_path, out_path = Path(tmp) / "job", Path(tmp) / "pfl.json"
+        write_job(job, job_path)
         done = subprocess.run([python, str(PEERS_SCRIPT), str(job_path), str(out_path)], capture_output=True, text=True)
         if done.returncode != 0 or not out_path.exists():
             lines = done.stderr.strip().splitlines()

@@ -4,9 +4,9 @@ It imports only torch, numpy and pfl (``pip install "pfl[pytorch]==0.6.0"``), ne
 it runs under any interpreter that has pfl, such as a separate virtual environment (pfl pins
 ``dp-accounting<0.6`` and ``attrs<24``, which this project's environment need not share):
 
-    PYTHON fedtask/peers_pfl.py JOB.pt OUT.json
+    PYTHON fedtask/peers_pfl.py JOB OUT.json
 
-``JOB.pt`` (``torch.save`` by ``fedtask.bench_peers``) holds the users' data (``x``: users x
+``JOB.safetensors`` and ``JOB.json`` (written by ``fedtask.bench_peers.write_job``; no pickle) hold the users' data (``x``: users x
 samples x features, ``y``: users x samples), the model's initial ``state`` and the ``settings``
 to time. The workload is pfl's own FedSGD, the way its documentation sets it up:
 ``FederatedAveraging`` on a ``SimulatedBackend``, a ``FederatedDataset`` of one user per task,
@@ -128,6 +128,17 @@ def time_pfl(job: dict, setting: dict) -> dict:
     return {**setting, "seconds": steady, "round_seconds": seconds, "final_loss": final_loss}
 
 
+def read_job(path: str) -> dict:
+    """What ``fedtask.bench_peers.write_job`` wrote: tensors from safetensors, the rest from JSON."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(path + ".safetensors")
+    job = json.loads(open(path + ".json").read())
+    job.update(x=tensors["x"], y=tensors["y"],
+               state={k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")})
+    return job
+
+
 def main(argv: list[str]) -> int:
     import torch
 
@@ -136,7 +147,7 @@ def main(argv: list[str]) -> int:
     from pfl.internal.ops.pytorch_ops import get_default_device
 
     job_path, out_path = argv
-    job = torch.load(job_path, weights_only=False)
+    job = read_job(job_path)
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))  # as many as fedtask's side uses
     # pfl copy-constructs the noised tensors (torch.tensor(tensor)); torch warns each round
