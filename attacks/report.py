@@ -70,12 +70,12 @@ def tpr_cell(metrics: dict, level: str) -> str:
     beyond = int(Fraction(level) * n_out * trials)
     if beyond < MIN_OUT_BEYOND:
         return f"n/a ({beyond} OUT points beyond)"
-    from scipy.stats import beta
+    from .audit import clopper_pearson_lower, clopper_pearson_upper
 
     points = n_in * trials
     hits = round(tpr * points)
-    low = beta.ppf(0.025, hits, points - hits + 1) if hits > 0 else 0.0
-    high = beta.ppf(0.975, hits + 1, points - hits) if hits < points else 1.0
+    low = float(clopper_pearson_lower(successes=hits, trials=points, alpha=0.025))
+    high = float(clopper_pearson_upper(successes=hits, trials=points, alpha=0.025))
     return f"{_percent(tpr)} [{100 * low:.1f}, {100 * high:.1f}]"
 
 

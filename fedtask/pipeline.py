@@ -241,8 +241,9 @@ def write_training(config: Config, out_dir: Path, outcome: TrainingOutcome, *, s
     return results
 
 
-def run_attack(run_dir: Path, overrides: list[str] | None = None) -> dict:
-    """Play the security games against a finished run, post-training, through the oracle."""
+def load_finished_run(run_dir: Path, overrides: list[str] | None = None) -> tuple[Config, dict]:
+    """A finished run's config (with ``attack.*`` overrides) and results, checked against what was
+    trained, ready to be queried: the edge of every post-training command."""
     run_dir = Path(run_dir)
     for name in rundir.TRAINED:
         if not (run_dir / name).is_file():
@@ -250,12 +251,19 @@ def run_attack(run_dir: Path, overrides: list[str] | None = None) -> dict:
     for item in overrides or []:
         key = item.split("=", 1)[0].strip()
         if not (key.startswith("attack.") or key == "federation.device"):
-            raise ConfigError(f"{key}: only attack.* keys can change when attacking a finished run")
+            raise ConfigError(f"{key}: only attack.* keys can change for a finished run")
     config = load_config(run_dir / rundir.CONFIG, overrides)
-    previous = rundir.read_json(run_dir / rundir.RESULTS)
-    verify_trained(run_dir, config, previous)
+    results = rundir.read_json(run_dir / rundir.RESULTS)
+    verify_trained(run_dir, config, results)
     check_device(config)
     check_model(config)
+    return config, results
+
+
+def run_attack(run_dir: Path, overrides: list[str] | None = None) -> dict:
+    """Play the security games against a finished run, post-training, through the oracle."""
+    run_dir = Path(run_dir)
+    config, previous = load_finished_run(run_dir, overrides)
     taskset = load_taskset(config)
     check_task_sizes(config, taskset)
     from fedtask.models import pick_device

@@ -18,7 +18,7 @@ import torch
 
 from fedtask import rundir
 from fedtask import task as task_math
-from fedtask.config import Config, ConfigError, load_config, parameter_error
+from fedtask.config import Config, ConfigError, parameter_error
 from fedtask.engines import RoundHook
 
 LOSSES = ("in_train", "in_holdout", "out")
@@ -185,18 +185,8 @@ def run_trajectory(run_dir: Path, *, overrides: list[str] | None = None, head_st
 
     progress = progress or pipeline.log
     run_dir = Path(run_dir)
-    for name in rundir.TRAINED:
-        if not (run_dir / name).is_file():
-            raise ConfigError(f"{run_dir / name}: missing; --run must be a finished training run")
-    for item in overrides or []:
-        key = item.split("=", 1)[0].strip()
-        if not (key.startswith("attack.") or key == "federation.device"):
-            raise ConfigError(f"{key}: only attack.* keys can change for a finished run")
-    config = load_config(run_dir / rundir.CONFIG, overrides)
+    config, _ = pipeline.load_finished_run(run_dir, overrides)
     points = _points(run_dir, config)
-    pipeline.verify_trained(run_dir, config, rundir.read_json(run_dir / rundir.RESULTS))
-    pipeline.check_device(config)
-    pipeline.check_model(config)
     steps = default_probe_steps(config) if head_steps is None else head_steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"--head-steps: must be an integer >= 1; got {steps!r}")

@@ -141,11 +141,12 @@ def train_vectorized(config, taskset: TaskSet, out_dir: Path, *, on_round: Round
     heads = {name: torch.stack([h[name] for h in heads]).to(device) for name in heads[0]}
 
     rounds_log = []
+    released = aggregator.state()  # the encoder as of the last round: one copy per round, shared with the hook
     for server_round in range(1, fed.rounds + 1):
         started = time.perf_counter()
         warm = server_round <= fed.warm_start_rounds
         pids = sample_round(num_tasks, fed.tasks_per_round, config.seed, server_round, warm, dp.enabled)
-        shared = {k: v.to(device) for k, v in aggregator.state().items()}
+        shared = {k: v.to(device) for k, v in released.items()}
         stats = {}
         if pids:
             x, y = _gather_batches(train_x, train_y, pids, config, server_round)
@@ -182,10 +183,11 @@ def train_vectorized(config, taskset: TaskSet, out_dir: Path, *, on_round: Round
         row = round_row(server_round, warm=warm, tasks=pids, loss=loss, seconds=time.perf_counter() - started,
                         stats=stats)
         rounds_log.append(row)
+        released = aggregator.state()
         if on_round:
-            on_round(server_round, aggregator.state(), row)
+            on_round(server_round, released, row)
 
-    final = aggregator.state()
+    final = released
     final_device = {k: v.to(device) for k, v in final.items()}
     chunk = tasks_per_pass(config, train_x.shape[1], num_tasks, device)
     if fed.final_head_steps:  # refresh every head on the final encoder, as each client does
