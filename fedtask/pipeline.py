@@ -105,12 +105,17 @@ def check_memory(config: Config) -> None:
                           f"{needed / 2**30:.0f} GiB, more than this machine's {available / 2**30:.0f} GiB")
 
 
+# federation keys that change how a run is kept or shown, never the model it trains (the hash of
+# earlier runs must not change: a key added here is one that did not exist when they were made)
+RUNTIME_KEYS = ("device", "snapshot_every", "checkpoint_every", "tensorboard")
+
+
 def training_fingerprint(config: Config) -> str:
     """What makes a trained model: every key but the attack's and the device's, hashed."""
     tree = config.to_dict()
     tree.pop("attack")
-    tree["federation"].pop("device")
-    tree["federation"].pop("snapshot_every", None)  # where copies of the encoder go, not what is trained
+    for key in RUNTIME_KEYS:  # how and where the run is kept or shown, not what is trained
+        tree["federation"].pop(key, None)
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
 
 
@@ -333,7 +338,7 @@ def verify_trained(run_dir: Path, config: Config, results: dict) -> None:
         trained = _flat(results.get("config", {}))
         now = _flat(config.to_dict())
         changed = [key for key in sorted(set(trained) | set(now)) if not key.startswith("attack.")
-                   and key not in ("federation.device", "federation.snapshot_every")
+                   and key.removeprefix("federation.") not in RUNTIME_KEYS
                    and trained.get(key) != now.get(key)]
         detail = (f"{changed[0]} is {now.get(changed[0])!r} in config.toml but the model was trained with "
                   f"{trained.get(changed[0])!r}") if changed else "it differs from the configuration trained with"
