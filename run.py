@@ -4,6 +4,7 @@
     python run.py                      # = experiment --config configs/synthetic.toml
     python run.py experiment --config FILE [--set KEY=VALUE ...] [--out DIR]
     python run.py train      --config FILE [--set KEY=VALUE ...] [--out DIR]
+    python run.py train      --resume DIR  [--set KEY=VALUE ...]      (experiment --resume DIR likewise)
     python run.py attack     --run DIR     [--set KEY=VALUE ...]
     python run.py dp-sweep   --config FILE --epsilons inf,16,8 [--set ...] [--out DIR]
     python run.py tracing    [--tasks 256 --dim 256 --samples 8 --k 4 --trials 4000 ...] [--out DIR]
@@ -37,8 +38,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="override a dotted config key, value read as TOML (repeatable)")
         p.add_argument("--out", default=None, help="output directory (default: outputs/<config>-<timestamp>/)")
 
-    with_config(sub.add_parser("experiment", help="train a federation, then attack it"))
-    with_config(sub.add_parser("train", help="train a federation"))
+    for name, text in (("experiment", "train a federation, then attack it"), ("train", "train a federation")):
+        p = sub.add_parser(name, help=text)
+        with_config(p)
+        p.add_argument("--resume", default=None, metavar="DIR",
+                       help="continue the interrupted run whose --out was DIR from its latest checkpoint "
+                            "(federation.checkpoint_every); --set may change only where it runs and attack.*")
     p = sub.add_parser("attack", help="attack a finished run post-training")
     p.add_argument("--run", required=True, help="a run directory written by train/experiment")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override attack.* keys")
@@ -98,10 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return _exit_now(1)
     except KeyboardInterrupt:
-        print("interrupted: nothing was kept of the unfinished work", file=sys.stderr)
+        print("interrupted (Ctrl-C): unfinished work was removed unless a checkpoint was kept (see above)",
+              file=sys.stderr)
         return _exit_now(130)
     except Terminated:
-        print("terminated (SIGTERM): nothing was kept of the unfinished work", file=sys.stderr)
+        print("terminated (SIGTERM): unfinished work was removed unless a checkpoint was kept (see above)",
+              file=sys.stderr)
         return _exit_now(143)
 
 
@@ -143,6 +150,18 @@ def _dispatch(args) -> int:
     from fedtask import pipeline
     from fedtask.config import ConfigError, load_config, parameter_error
 
+    if args.command in ("experiment", "train") and args.resume:
+        if args.out or args.config != DEFAULT_CONFIG:
+            raise ConfigError("--resume: continues a run with its own config and --out; leave --config and --out out")
+        out = Path(args.resume)
+        if args.command == "experiment" and (out / "results.json").is_file() and not pipeline.rundir.incomplete(
+                out.resolve()).exists():
+            pipeline.log(f"{out}: training finished already; attacking it")
+        else:
+            pipeline.run_training(pipeline.resume_config(out, args.set), out, resume=True)
+        if args.command == "experiment":
+            pipeline.run_attack(out, [item for item in args.set if item.strip().startswith("attack.")])
+        return 0
     if args.command in ("experiment", "train", "dp-sweep"):
         config = load_config(args.config, args.set)
         name = Path(args.config).stem + ("-dp-sweep" if args.command == "dp-sweep" else "")

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Protocol
 if TYPE_CHECKING:
     import torch
 
+    from fedtask.checkpoint import Checkpoint, Checkpointing
     from fedtask.config import Config
     from fedtask.data import TaskSet
 
@@ -53,8 +54,13 @@ class Engine(Protocol):
         """Refuse (ConfigError naming the key) what this engine cannot run, before anything starts."""
 
     def train(self, config: "Config", taskset: "TaskSet", out_dir: Path, *,
-              on_round: RoundHook | None = None) -> TrainingOutcome:
-        """Train ``config``'s federation on ``taskset``; write each IN task's head under ``out_dir``."""
+              on_round: RoundHook | None = None, checkpoints: "Checkpointing | None" = None,
+              resume: "Checkpoint | None" = None) -> TrainingOutcome:
+        """Train ``config``'s federation on ``taskset``; write each IN task's head under ``out_dir``.
+
+        Every round ``checkpoints.due``, call ``checkpoints.save`` after the hook (with the
+        heads, stacked or written by the clients); with ``resume``, continue after its round
+        from its server state and heads (:mod:`fedtask.checkpoint`)."""
 
 
 def get_engine(name: str) -> Engine:

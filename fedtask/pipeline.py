@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedtask import rundir
+from fedtask import progress, rundir
 from fedtask.config import Config, ConfigError, load_config, parameter_error, to_toml, with_overrides
 from fedtask.data import TaskSet, load_tasks
 from fedtask.engines import Engine, RoundHook, TrainingFailed, TrainingOutcome, get_engine
@@ -33,16 +33,11 @@ ATTACK_KEYS = {name: f"attack.{name}" for name in ("trials", "k_strong", "k_weak
 
 
 def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """A progress message: stderr unless --quiet, and the open run's run.log (fedtask/progress.py)."""
+    progress.log(message)
 
 
-def print_round(server_round: int, encoder, row: dict) -> None:
-    """The default per-round hook: one progress line."""
-    extra = f" |g|={row['aggregate_norm']:.3f}" if "aggregate_norm" in row else ""
-    if row.get("failed"):
-        extra += f" failed={len(row['failed'])} (tasks {', '.join(list(row['failed'])[:5])})"
-    log(f"round {server_round:>4} [{row['phase']:<10}] tasks={len(row['tasks']):>4} "
-        f"loss={row['loss']:.4f}{extra} {row['seconds']:.2f}s")
+print_round = progress.print_round  # a plain per-round hook, one line a round (the default is the bar)
 
 
 def prepare(config: Config) -> Config:
@@ -110,13 +105,23 @@ def check_memory(config: Config) -> None:
 RUNTIME_KEYS = ("device", "snapshot_every", "checkpoint_every", "tensorboard")
 
 
-def training_fingerprint(config: Config) -> str:
-    """What makes a trained model: every key but the attack's and the device's, hashed."""
+def training_fingerprint(config: Config, *, also_ignore: tuple[str, ...] = ()) -> str:
+    """What makes a trained model: every key but the attack's and the device's, hashed.
+
+    ``also_ignore`` leaves out more dotted keys (a resume may change where a run executes)."""
     tree = config.to_dict()
     tree.pop("attack")
     for key in RUNTIME_KEYS:  # how and where the run is kept or shown, not what is trained
         tree["federation"].pop(key, None)
+    for key in also_ignore:
+        section, name = key.split(".", 1)
+        tree[section].pop(name, None)
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
+
+
+def resume_fingerprint(config: Config) -> str:
+    """What a checkpoint must match to be continued: the training, not where it runs."""
+    return training_fingerprint(config, also_ignore=RESUMABLE_KEYS)
 
 
 def check_device(config: Config) -> None:
@@ -127,27 +132,43 @@ def check_device(config: Config) -> None:
 
 
 def run_training(config: Config, out_dir: Path, *, engine: Engine | None = None,
-                 on_round: RoundHook | None = print_round) -> dict:
+                 on_round: RoundHook | None = progress.DEFAULT, resume: bool = False) -> dict:
     """Train one federation into ``out_dir`` (created; it must not hold a run already).
 
     ``engine`` defaults to ``federation.engine``'s; ``flwr run`` passes one bound to its grid.
+    With ``resume``, ``out_dir`` is an interrupted run's ``--out`` and ``config`` its own
+    (:func:`resume_config`): training continues from its latest checkpoint.
     Returns results.json's content.
     """
-    rundir.check_new_output(out_dir)  # before anything slow: a bad --out costs nothing
+    if not resume:
+        rundir.check_new_output(out_dir)  # before anything slow: a bad --out costs nothing
     config = prepare(config)
     check_device(config)
+    progress.check_tensorboard(config)
     check_model(config)
     check_memory(config)
     taskset = load_taskset(config)
     check_task_sizes(config, taskset)
     engine = engine or get_engine(config.federation.engine)
     engine.check(config)  # what only the engine can tell (resources it cannot get)
-    run = rundir.RunDirectory(out_dir)
     fed = config.federation
+    if resume:
+        run = rundir.RunDirectory.reopen(out_dir)
+        try:
+            checkpoint = checkpoint_to_resume(run.work, config)
+        except BaseException:
+            run.release()
+            raise
+    else:
+        run, checkpoint = rundir.RunDirectory(out_dir), None
+        rundir.write_text(run.work / rundir.CONFIG, to_toml(config))  # what --resume reads back
+    on_round = progress.training_hook(config, run.work, on_round)  # run.log, TensorBoard, then the bar
     log(f"training: {config.data.name} ({config.data.num_in_tasks} IN tasks), "
         f"{fed.rounds} rounds ({fed.warm_start_rounds} warm-start), {fed.tasks_per_round} tasks/round, "
-        f"engine={fed.engine}" + (f", DP z={config.dp.noise_multiplier:.4g}" if config.dp.enabled else ""))
+        f"engine={fed.engine}" + (f", DP z={config.dp.noise_multiplier:.4g}" if config.dp.enabled else "")
+        + (f", resuming after round {checkpoint.round}" if checkpoint else ""))
     started = time.perf_counter()
+    earlier_s = checkpoint.elapsed_s if checkpoint else 0.0
     try:
         hook = on_round
         if fed.snapshot_every:  # composed only when asked for: no cost otherwise
@@ -156,16 +177,71 @@ def run_training(config: Config, out_dir: Path, *, engine: Engine | None = None,
             hook = snapshot_hook(on_round, run_dir=run.work, every=fed.snapshot_every,
                                  metadata={"encoder": config.model.encoder,
                                            "embedding_dim": str(config.model.embedding_dim)})
-        outcome = engine.train(config, taskset, run.work, on_round=divergence_guard(hook))
-        seconds = time.perf_counter() - started
+        extra = {}  # only when used, so an engine without checkpoint support still trains
+        if fed.checkpoint_every:
+            from fedtask.checkpoint import Checkpointing
+
+            extra["checkpoints"] = Checkpointing(run.work, every=fed.checkpoint_every,
+                                                 fingerprint=resume_fingerprint(config), engine=fed.engine,
+                                                 earlier_s=earlier_s)
+        if checkpoint:
+            extra["resume"] = checkpoint
+        outcome = engine.train(config, taskset, run.work, on_round=divergence_guard(hook), **extra)
+        seconds = earlier_s + time.perf_counter() - started
         results = write_training(config, run.work, outcome, seconds=seconds, majority=majority_baseline(taskset))
+        from fedtask.checkpoint import remove_checkpoints
+
+        remove_checkpoints(run.work)  # the finished run's outputs are all a reader needs
         run.publish()
     except BaseException:
-        run.discard()  # no half-written run is left behind
+        from fedtask.checkpoint import latest_round
+
+        if latest_round(run.work) is None:
+            run.discard()  # no half-written run is left behind
+        else:  # a checkpoint is worth keeping: the run can continue from it
+            run.release()
+            log(f"{out_dir}: kept {run.work}; {rundir.interrupted_advice(out_dir).split(': ', 1)[1]}")
         raise
     log(f"training done in {seconds:.1f}s: in-task accuracy "
         f"{results['utility']['in_task_accuracy']:.3f} -> {out_dir}")
     return results
+
+
+RESUMABLE_KEYS = ("federation.device", "federation.checkpoint_every", "federation.tensorboard",
+                  "federation.reply_timeout", "federation.ray_address", "federation.num_cpus_per_client",
+                  "federation.num_gpus_per_client", "federation.max_failed_fraction")
+
+
+def resume_config(out_dir: Path, overrides: list[str] | None = None) -> Config:
+    """The configuration an interrupted run was started with (its ``config.toml``), with the
+    overrides a resume may make: where and how it runs and is kept, and attack.* keys."""
+    work = rundir.incomplete(Path(out_dir).expanduser().resolve())
+    for item in overrides or []:
+        key = item.split("=", 1)[0].strip()
+        if not (key.startswith("attack.") or key in RESUMABLE_KEYS):
+            raise ConfigError(f"{key}: cannot change when resuming (the run continues as it started); "
+                              f"only attack.* and {', '.join(RESUMABLE_KEYS)} can")
+    if not work.is_dir():
+        finished = (Path(out_dir) / rundir.RESULTS).is_file()
+        raise ConfigError(f"{out_dir}: " + ("finished already: nothing to resume" if finished else
+                                            f"no interrupted run to resume ({work} does not exist)"))
+    if not (work / rundir.CONFIG).is_file():
+        raise ConfigError(f"{work / rundir.CONFIG}: missing; {work} was not started by this fedtask's train "
+                          "(remove it to start again)")
+    return load_config(work / rundir.CONFIG, overrides)
+
+
+def checkpoint_to_resume(work: Path, config: Config):
+    """The interrupted run's latest checkpoint, if it was made by this configuration."""
+    from fedtask.checkpoint import latest_round, load_checkpoint
+
+    if latest_round(work) is None:
+        raise ConfigError(f"{work}: {rundir.interrupted_advice(work.with_name(work.name[:-len('.incomplete')]))}")
+    checkpoint = load_checkpoint(work)
+    if checkpoint.fingerprint != resume_fingerprint(config):
+        raise ConfigError(f"{work / rundir.CONFIG}: differs from the configuration the checkpoint was trained "
+                          "with; resuming would continue another run")
+    return checkpoint
 
 
 class TrainingDiverged(TrainingFailed):
@@ -291,7 +367,8 @@ def run_attack(run_dir: Path, overrides: list[str] | None = None) -> dict:
         attack_results, raw_scores = run_security_games(
             oracle, null_oracle, pools, trials=attack.trials, k_strong=attack.k_strong, k_weak=attack.k_weak,
             seed=config.seed, whiten=attack.whiten, cosine=attack.cosine, whiten_lambda=attack.whiten_lambda,
-            bootstrap=attack.bootstrap, batch_size=attack.batch_size, progress=log)
+            bootstrap=attack.bootstrap, batch_size=attack.batch_size, progress=log,
+            advance=progress.counter("attack: embedding", "sample"))
     except ValueError as err:
         raise parameter_error(err, ATTACK_KEYS) from None
     calibrated, calibrated_scores = None, {}

@@ -120,13 +120,29 @@ class RunDirectory:
             self._lock.close()
             raise ConfigError(f"{out_dir}: another run is writing to {self.work}") from None
 
+    @classmethod
+    def reopen(cls, out_dir: Path) -> "RunDirectory":
+        """Take over an interrupted run's ``.incomplete`` directory (``--resume``) under the same lock."""
+        self = cls.__new__(cls)
+        self.out_dir = Path(out_dir).expanduser().resolve()
+        self.work = incomplete(self.out_dir)
+        if not self.work.is_dir():
+            raise ConfigError(f"{out_dir}: no interrupted run to resume ({self.work} does not exist)")
+        self._lock = open(self.work / LOCK, "a")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise ConfigError(f"{out_dir}: another run is writing to {self.work}") from None
+        return self
+
     def _refuse_existing(self) -> None:
         with open(self.work / LOCK, "a") as probe:
             try:
                 fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise ConfigError(f"{self.out_dir}: another run is writing to {self.work}") from None
-        raise ConfigError(f"{self.out_dir}: {self.work} holds an interrupted run; remove it to start again")
+        raise ConfigError(f"{self.out_dir}: {self.work} holds an interrupted run; {interrupted_advice(self.out_dir)}")
 
     def publish(self) -> None:
         (self.work / LOCK).unlink()
@@ -138,6 +154,23 @@ class RunDirectory:
     def discard(self) -> None:
         shutil.rmtree(self.work, ignore_errors=True)
         self._lock.close()
+
+    def release(self) -> None:
+        """Stop writing but keep ``.incomplete`` (it holds a checkpoint to resume from)."""
+        self._lock.close()
+
+
+def interrupted_advice(out_dir: Path) -> str:
+    """What to do with an interrupted run: resume it from its checkpoint, or remove it."""
+    from fedtask.checkpoint import latest_round
+
+    work = incomplete(Path(out_dir))
+    done = latest_round(work)
+    if done is None:
+        return (f"it has no checkpoint (federation.checkpoint_every was 0 or no checkpoint round was reached): "
+                f"remove {work} to start again")
+    return (f"it has a checkpoint at round {done}: continue it with `python run.py train --resume {out_dir}` "
+            f"(or experiment --resume), or remove {work} to start again")
 
 
 def write_json(path: Path, payload) -> None:

@@ -17,6 +17,7 @@ import torch
 from torch.func import functional_call, vmap
 
 from fedtask import task as task_math
+from fedtask.checkpoint import Checkpoint, Checkpointing
 from fedtask.config import ConfigError
 from fedtask.data.base import TaskSet
 from fedtask.engines import RoundHook, TrainingOutcome, encoder_aggregator
@@ -115,12 +116,14 @@ class VectorizedEngine:
     def check(self, config) -> None:
         """One process needs no per-client resources; what it cannot batch is refused in ``train``."""
 
-    def train(self, config, taskset: TaskSet, out_dir: Path, *, on_round: RoundHook | None = None) -> TrainingOutcome:
-        return train_vectorized(config, taskset, out_dir, on_round=on_round)
+    def train(self, config, taskset: TaskSet, out_dir: Path, *, on_round: RoundHook | None = None,
+              checkpoints: Checkpointing | None = None, resume: Checkpoint | None = None) -> TrainingOutcome:
+        return train_vectorized(config, taskset, out_dir, on_round=on_round, checkpoints=checkpoints, resume=resume)
 
 
-def train_vectorized(config, taskset: TaskSet, out_dir: Path, *, on_round: RoundHook | None = None) -> TrainingOutcome:
-    """Train like the Flower engine does, to the same outcome."""
+def train_vectorized(config, taskset: TaskSet, out_dir: Path, *, on_round: RoundHook | None = None,
+                     checkpoints: Checkpointing | None = None, resume: Checkpoint | None = None) -> TrainingOutcome:
+    """Train like the Flower engine does, to the same outcome; from ``resume``'s round on if given."""
     fed, dp = config.federation, config.dp
     device = engine_device(config)
     model = build_model(config, taskset.spec).to(device)
@@ -139,10 +142,15 @@ def train_vectorized(config, taskset: TaskSet, out_dir: Path, *, on_round: Round
     aggregator = encoder_aggregator(config, dict(initial), trainable)
     heads = [initial_private_state(model, pid, config.seed) for pid in range(num_tasks)]
     heads = {name: torch.stack([h[name] for h in heads]).to(device) for name in heads[0]}
+    rounds_log, first_round = [], 1
+    if resume is not None:  # continue where the checkpoint left off: same state, same per-round seeds
+        initial = resume.initial_encoder
+        aggregator.restore(resume.server_state)
+        heads = {name: value.to(device) for name, value in resume.stacked_heads().items()}
+        rounds_log, first_round = list(resume.rounds), resume.round + 1
 
-    rounds_log = []
     released = aggregator.state()  # the encoder as of the last round: one copy per round, shared with the hook
-    for server_round in range(1, fed.rounds + 1):
+    for server_round in range(first_round, fed.rounds + 1):
         started = time.perf_counter()
         warm = server_round <= fed.warm_start_rounds
         pids = sample_round(num_tasks, fed.tasks_per_round, config.seed, server_round, warm, dp.enabled)
@@ -186,6 +194,9 @@ def train_vectorized(config, taskset: TaskSet, out_dir: Path, *, on_round: Round
         released = aggregator.state()
         if on_round:
             on_round(server_round, released, row)
+        if checkpoints is not None and checkpoints.due(server_round):
+            checkpoints.save(server_round, rounds=rounds_log, aggregator=aggregator, initial_encoder=initial,
+                             stacked_heads=heads)
 
     final = released
     final_device = {k: v.to(device) for k, v in final.items()}

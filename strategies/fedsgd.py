@@ -83,6 +83,37 @@ class EncoderAggregator:
         """The encoder as released: trainable parameters and fixed tensors, detached."""
         return {**self.fixed, **{name: p.detach().clone() for name, p in self.params.items()}}
 
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """Everything the next round depends on, as flat tensors (safetensors holds no pickle):
+        ``param/<name>``, ``fixed/<name>`` and the optimizer's ``optimizer/<index>/<key>``."""
+        state = {f"param/{name}": p.detach().clone() for name, p in self.params.items()}
+        state.update({f"fixed/{name}": t.clone() for name, t in self.fixed.items()})
+        for index, per_param in self.optimizer.state_dict()["state"].items():
+            for key, value in per_param.items():
+                if isinstance(value, torch.Tensor):
+                    state[f"optimizer/{index}/{key}"] = value.detach().clone()
+                elif value is not None:  # a plain number (older optimizers keep the step as one)
+                    state[f"optimizer/{index}/{key}"] = torch.tensor(value, dtype=torch.float64)
+        return state
+
+    def restore(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Continue from :meth:`checkpoint_state`'s output (same parameters, same optimizer kind)."""
+        expected = {f"param/{name}" for name in self.params} | {f"fixed/{name}" for name in self.fixed}
+        missing = sorted(expected - set(state))
+        if missing:
+            raise ValueError(f"state lacks {missing[:5]}: it was saved for another encoder")
+        with torch.no_grad():
+            for name, param in self.params.items():
+                param.copy_(state[f"param/{name}"])
+        self.fixed = {name: state[f"fixed/{name}"].clone() for name in self.fixed}
+        per_param: dict[int, dict] = {}
+        for key, value in state.items():
+            if key.startswith("optimizer/"):
+                _, index, field = key.split("/", 2)
+                per_param.setdefault(int(index), {})[field] = value.clone()
+        saved = self.optimizer.state_dict()
+        self.optimizer.load_state_dict({"state": per_param, "param_groups": saved["param_groups"]})
+
     @property
     def needs_task_updates(self) -> bool:
         """Whether each task's update must be seen on its own (DP clipping, normalisation).

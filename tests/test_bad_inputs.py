@@ -82,7 +82,7 @@ def test_a_finished_run_and_an_interrupted_one_are_kept(capsys, tmp_path, traine
     interrupted.mkdir()
     (interrupted / "metrics.json").write_text("{}")
     status, err = cli(capsys, "train", "--out", str(tmp_path / "run"))
-    assert status == 2 and "holds an interrupted run; remove it" in err[0]
+    assert status == 2 and "holds an interrupted run; it has no checkpoint" in err[0]
     assert (interrupted / "metrics.json").read_text() == "{}"
 
 
