@@ -13,6 +13,7 @@
     python run.py heads      --run DIR
     python run.py bench      [--out DIR] [--quick] [--accountants] [--peers [--peers-python PYTHON] [--threads N]]
 
+Every command takes -q/--quiet: only errors and the final tables (the run's run.log keeps the rest).
 Bad input exits with status 2 and one line naming the key or file.
 """
 from __future__ import annotations
@@ -54,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="steps of each task's probe head (default: the head steps an IN client took over the run)")
     p = sub.add_parser("heads", help="pairwise similarity of a run's trained task heads")
     p.add_argument("--run", required=True, help="a run directory written by train/experiment")
-    p = sub.add_parser("dp-sweep", help="one federation per privacy budget, each attacked")
+    p = sub.add_parser("dp-sweep", help="one federation per privacy budget, each attacked; "
+                                       "re-run with the same --out to resume")
     with_config(p)
     p.add_argument("--epsilons", required=True, help="comma-separated budgets, 'inf' for no noise")
     p = sub.add_parser("tracing", help="the mean-estimation tracing analog (paper Section 4)")
@@ -79,14 +81,19 @@ def _parser() -> argparse.ArgumentParser:
                    help="interpreter that has pfl installed (default: $FEDTASK_PEERS_PYTHON, else this one)")
     p.add_argument("--threads", type=int, default=None,
                    help="--peers: torch threads for both sides (default: torch's own count)")
+    for command in sub.choices.values():  # every command: only errors and the final tables
+        command.add_argument("-q", "--quiet", action="store_true",
+                             help="print only errors and the final tables (a run's run.log still gets everything)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    quiet = [flag for flag in argv[:1] if flag in QUIET_FLAGS]  # `run.py --quiet COMMAND ...` too
+    argv = argv[len(quiet):]
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["experiment", *argv]
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args([*argv[:1], *quiet, *argv[1:]])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -95,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        return _dispatch(args)
+        return _run(args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -110,6 +117,21 @@ def main(argv: list[str] | None = None) -> int:
         print("terminated (SIGTERM): unfinished work was removed unless a checkpoint was kept (see above)",
               file=sys.stderr)
         return _exit_now(143)
+
+
+QUIET_FLAGS = ("-q", "--quiet")
+
+
+def _run(args) -> int:
+    """The command, with ``--quiet`` set for it; any bar it leaves is ended before an error is printed."""
+    from fedtask import progress
+
+    progress.set_quiet(getattr(args, "quiet", False))
+    try:
+        return _dispatch(args)
+    finally:
+        progress.close_all()
+        progress.set_quiet(False)
 
 
 class Terminated(BaseException):
@@ -201,7 +223,7 @@ def _dispatch(args) -> int:
         except ValueError as err:
             raise parameter_error(err, TRACING_FLAGS) from None
         print(format_tracing(result))
-        print(f"wrote {out / 'tracing.json'} and {out / 'tracing.png'}", file=sys.stderr)
+        pipeline.log(f"wrote {out / 'tracing.json'} and {out / 'tracing.png'}")  # quiet with --quiet
         return 0
     if args.command == "study":
         from fedtask.study import run_study

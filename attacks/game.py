@@ -24,11 +24,13 @@ _CHUNK_ELEMENTS = 1 << 23  # bound on the elements of one batch of gathered chal
 _FULL_GRAM_ELEMENTS = 1 << 24  # per-task Gram matrices up to this size are precomputed
 
 
-def embed_pools(oracle: Callable, pools: Sequence, batch_size: int = DEFAULT_BATCH_SIZE):
+def embed_pools(oracle: Callable, pools: Sequence, batch_size: int = DEFAULT_BATCH_SIZE,
+                on_batch: Callable[[int], object] | None = None):
     """Embed every sample of every pool once: -> (emb (N, d) float64, task_index (N,)).
 
     `pools` is a sequence of per-task inputs (tensors or arrays of shape (n_t, ...)); they are
-    concatenated and sent to the oracle in chunks of `batch_size`.
+    concatenated and sent to the oracle in chunks of `batch_size`; `on_batch(n)` is told of
+    each chunk's n samples once embedded.
     """
     import torch
 
@@ -43,6 +45,8 @@ def embed_pools(oracle: Callable, pools: Sequence, batch_size: int = DEFAULT_BAT
             if emb.ndim != 2 or emb.shape[0] != len(batch):
                 raise ValueError(f"oracle returned shape {emb.shape} for a batch of {len(batch)} inputs; expected (n, d)")
             chunks.append(emb)
+            if on_batch is not None:
+                on_batch(len(batch))
     emb = np.concatenate(chunks) if chunks else np.zeros((0, 0))
     if not np.all(np.isfinite(emb)):
         raise ValueError("oracle returned NaN or infinite embeddings")
@@ -191,6 +195,7 @@ def run_security_games(
     bootstrap: int = DEFAULT_BOOTSTRAP,
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: Callable[[str], object] = print,
+    advance: Callable[[int, int], object] | None = None,
 ):
     """Play the strong, weak and null-control games with every registered statistic.
 
@@ -200,7 +205,8 @@ def run_security_games(
     whitens with its own pooled IN and OUT embeddings.  Returns (results, raw_scores):
     results[statistic][game] is CONTRACT §4 METRICS, raw_scores[statistic][game] = {"in", "out"}.
     ValueError messages start with the offending parameter's name (k is checked per game by
-    `challenge_scores`, against the pools).
+    `challenge_scores`, against the pools).  `progress(message)` gets a line per game;
+    `advance(done, total)`, if given, the samples embedded so far of all the games will embed.
     """
     trials = _check_int("trials", trials)
     bootstrap = _check_int("bootstrap", bootstrap)
@@ -219,10 +225,21 @@ def run_security_games(
     }
     embedded = {}  # (oracle, pool list) -> embeddings, so shared OUT pools are queried once
 
+    def key_of(query, pool_list):
+        return id(query), tuple(id(p) for p in pool_list)
+
+    to_embed = {key_of(query, pool_list): sum(len(p) for p in pool_list)
+                for query, sides, *_ in plan.values() for pool_list in sides}
+    work = {"done": 0, "total": sum(to_embed.values())}
+
+    def count(n: int) -> None:
+        work["done"] += n
+        advance(work["done"], work["total"])
+
     def embed(query, pool_list):
-        key = (id(query), tuple(id(p) for p in pool_list))
+        key = key_of(query, pool_list)
         if key not in embedded:
-            embedded[key] = embed_pools(query, pool_list, batch_size)[0]
+            embedded[key] = embed_pools(query, pool_list, batch_size, on_batch=count if advance else None)[0]
         return embedded[key]
 
     results, raw_scores = {}, {}

@@ -13,7 +13,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -37,7 +36,7 @@ def log(message: str) -> None:
     progress.log(message)
 
 
-print_round = progress.print_round  # a plain per-round hook, one line a round (the default is the bar)
+print_round = progress.DEFAULT  # the default per-round hook: run_training shows the training bar (or lines)
 
 
 def prepare(config: Config) -> Config:
@@ -102,7 +101,7 @@ def check_memory(config: Config) -> None:
 
 # federation keys that change how a run is kept or shown, never the model it trains (the hash of
 # earlier runs must not change: a key added here is one that did not exist when they were made)
-RUNTIME_KEYS = ("device", "snapshot_every", "checkpoint_every", "tensorboard")
+RUNTIME_KEYS = ("device", "snapshot_every", "checkpoint_every", "tensorboard", "launcher")
 
 
 def training_fingerprint(config: Config, *, also_ignore: tuple[str, ...] = ()) -> str:
@@ -200,7 +199,7 @@ def run_training(config: Config, out_dir: Path, *, engine: Engine | None = None,
             run.discard()  # no half-written run is left behind
         else:  # a checkpoint is worth keeping: the run can continue from it
             run.release()
-            log(f"{out_dir}: kept {run.work}; {rundir.interrupted_advice(out_dir).split(': ', 1)[1]}")
+            progress.error(f"{out_dir}: kept {run.work}; {rundir.interrupted_advice(out_dir).split(': ', 1)[1]}")
         raise
     log(f"training done in {seconds:.1f}s: in-task accuracy "
         f"{results['utility']['in_task_accuracy']:.3f} -> {out_dir}")
@@ -229,6 +228,30 @@ def resume_config(out_dir: Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"{work / rundir.CONFIG}: missing; {work} was not started by this fedtask's train "
                           "(remove it to start again)")
     return load_config(work / rundir.CONFIG, overrides)
+
+
+def train_or_resume(config: Config, out_dir: Path, *, on_round: RoundHook | None = print_round) -> dict:
+    """Train ``config`` into ``out_dir``, or continue what an earlier attempt left there.
+
+    For sweeps and studies re-run on the same ``--out``: a finished training of the same
+    configuration is kept (its results returned), an interrupted one whose checkpoint this
+    configuration made resumes, and one without a usable checkpoint starts again.
+    """
+    from fedtask.checkpoint import latest_round, load_checkpoint
+
+    out_dir = Path(out_dir)
+    work = rundir.incomplete(out_dir.expanduser().resolve())
+    if (out_dir / rundir.RESULTS).is_file() and not work.exists():
+        done, results = load_finished_run(out_dir)
+        if resume_fingerprint(done) != resume_fingerprint(config):
+            raise ConfigError(f"{out_dir}: holds a run of another configuration; choose another --out")
+        return results
+    if work.exists():
+        if latest_round(work) is not None and load_checkpoint(work).fingerprint == resume_fingerprint(prepare(config)):
+            return run_training(config, out_dir, on_round=on_round, resume=True)
+        log(f"{work}: an interrupted attempt without a usable checkpoint; starting this run again")
+        rundir.RunDirectory.reopen(out_dir).discard()  # refused while another process writes it
+    return run_training(config, out_dir, on_round=on_round)
 
 
 def checkpoint_to_resume(work: Path, config: Config):

@@ -17,7 +17,6 @@ import multiprocessing
 import os
 import re
 import shutil
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from fedtask import rundir
+from fedtask import progress, rundir
 from fedtask.config import Config, ConfigError, load_config, read_toml, with_overrides
 
 SPEC_KEYS = {"base", "set", "seeds", "axis", "grid", "workers"}
@@ -149,9 +148,9 @@ def _finished(directory: Path) -> bool:
 
 
 def _clear_partial(directory: Path) -> None:
-    """A run of this study that did not finish (the study holds its lock, so no one is writing it)."""
-    shutil.rmtree(rundir.incomplete(directory), ignore_errors=True)
-    if directory.exists() and not _finished(directory):
+    """A run directory of this study left without results (the study holds its lock, so no one is
+    writing it); an ``.incomplete`` one is left to :func:`fedtask.pipeline.train_or_resume`."""
+    if directory.exists() and not (directory / rundir.RESULTS).is_file():
         shutil.rmtree(directory)
 
 
@@ -164,14 +163,15 @@ def _worker_init(threads: int) -> None:
 def _run_one(config: Config, directory: Path, log_path: Path) -> tuple[float, str | None]:
     """Train and attack one run, its output to its own log; returns (seconds, error or None)."""
     from fedtask.engines import TrainingFailed
-    from fedtask.pipeline import run_attack, run_training
+    from fedtask.pipeline import run_attack, train_or_resume
 
     started = time.perf_counter()
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+    with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), \
+            progress.redirected(log):
         try:
-            run_training(config, directory, on_round=None)
-            run_attack(directory)
+            if not train_or_resume(config, directory, on_round=None).get("attacks"):  # kept, resumed or new
+                run_attack(directory)
         except (ConfigError, TrainingFailed) as err:
             print(f"error: {err}", file=log)
             return time.perf_counter() - started, str(err)
@@ -201,13 +201,14 @@ def run_study(spec_path: str | Path, out_dir: Path, *, workers: int = 0) -> dict
     seconds: dict[Path, float] = {}
     errors: dict[Path, str] = {}
     total = len({run.directory for run in runs})
-    _progress(total - len(todo), total, started, None)
+    bar = progress.Progress(total, "study", unit="run", initial=total - len(todo), every=max(1, total // 10))
+    bar.update(total - len(todo))
     logs = out_dir / "logs"
     if workers == 1:
         for run in todo:
             seconds[run.directory], error = _run_one(run.config, run.directory, logs / _log_name(run))
             _note(errors, run, error)
-            _progress(total - len(todo) + len(seconds), total, started, seconds)
+            bar.update(total - len(todo) + len(seconds))
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
         context = multiprocessing.get_context("spawn")  # forking a process that holds torch's threads is unsafe
@@ -217,8 +218,8 @@ def run_study(spec_path: str | Path, out_dir: Path, *, workers: int = 0) -> dict
                 run = futures[future]
                 seconds[run.directory], error = future.result()
                 _note(errors, run, error)
-                _progress(total - len(todo) + len(seconds), total, started, seconds)
-    print(file=sys.stderr)
+                bar.update(total - len(todo) + len(seconds))
+    bar.close()
     result = summarise(spec, runs, out_dir, errors)
     result["timing"] = {"total_s": time.perf_counter() - started, "workers": workers, "runs_done_now": len(todo),
                         "per_run_s": float(np.mean(list(seconds.values()))) if seconds else None}
@@ -236,20 +237,7 @@ def _log_name(run: PlannedRun) -> str:
 def _note(errors: dict, run: PlannedRun, error: str | None) -> None:
     if error:
         errors[run.directory] = error
-        print(f"\nrun {run.directory}: {error}", file=sys.stderr)
-
-
-def _progress(done: int, total: int, started: float, seconds: dict | None) -> None:
-    if not sys.stderr.isatty() and done % max(1, total // 10) and done != total:
-        return  # a log file gets a line per tenth, not a redrawn bar
-    elapsed = time.perf_counter() - started
-    fresh = len(seconds or {})
-    left = (elapsed / fresh) * (total - done) if fresh else math.nan
-    width = 30
-    bar = "#" * round(width * done / total) + "-" * (width - round(width * done / total))
-    eta = "" if math.isnan(left) else f", about {left:.0f} s left"
-    end = "" if sys.stderr.isatty() else "\n"
-    print(f"\rstudy [{bar}] {done}/{total} runs, {elapsed:.0f} s{eta}   ", end=end, file=sys.stderr, flush=True)
+        progress.error(f"run {run.directory}: {error}")  # shown with --quiet too; the study goes on
 
 
 def summary(values: list[float]) -> dict:

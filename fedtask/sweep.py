@@ -6,11 +6,12 @@ calibrated before anything trains, so an impossible one fails fast (exit 2).
 """
 from __future__ import annotations
 
+import fcntl
 import math
 from pathlib import Path
 
 from attacks import STATISTICS, markdown_table
-from fedtask import pipeline, rundir
+from fedtask import pipeline, progress, rundir
 from fedtask.config import ConfigError, with_overrides
 
 
@@ -41,21 +42,51 @@ def _label(epsilon: float) -> str:
     return "inf" if math.isinf(epsilon) else f"{epsilon:g}"
 
 
+PLAN = "dp_sweep.plan.json"  # what the sweep in a directory is: re-running it with the same --out resumes it
+
+
 def dp_sweep(config, epsilons: list[float], out_dir: Path) -> list[dict]:
+    """Train and attack one run per budget; re-run with the same ``out_dir`` to resume.
+
+    Finished budgets are kept, an interrupted one continues from its checkpoint
+    (``federation.checkpoint_every``), the rest run.
+    """
     out_dir = Path(out_dir)
-    rundir.check_new_output(out_dir)
     configs = [budget_config(config, eps) for eps in epsilons]  # all budgets checked before any training
+    plan = {"training": pipeline.resume_fingerprint(config), "attack": config.to_dict()["attack"],
+            "epsilons": [_label(eps) for eps in epsilons]}
+    if (out_dir / PLAN).is_file():
+        if rundir.read_json(out_dir / PLAN) != plan:
+            raise ConfigError(f"{out_dir}: holds a DP sweep of other settings or budgets; choose another --out "
+                              "(the same command resumes it)")
+        pipeline.log(f"resuming the DP sweep in {out_dir}: finished budgets are kept")
+    else:
+        rundir.check_new_output(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        rundir.write_json(out_dir / PLAN, plan)
+    lock = open(out_dir / "dp_sweep.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise ConfigError(f"{out_dir}: another DP sweep is running there") from None
     rows = []
-    for epsilon, run_config in zip(epsilons, configs):
-        pipeline.log(f"== budget epsilon={_label(epsilon)} ==")
-        run_dir = out_dir / f"eps_{_label(epsilon)}"
-        pipeline.run_training(run_config, run_dir)
-        results = pipeline.run_attack(run_dir)
-        rows.append(sweep_row(epsilon, results, run_dir))
-        rundir.write_json(out_dir / "dp_sweep.json", rows)  # partial progress survives an interruption
-    (out_dir / "dp_sweep.md").write_text(format_sweep(rows))
-    plot_sweep(rows, out_dir / "dp_sweep.png")
-    plot_epsilon_audit(rows, out_dir / "dp_audit.png")
+    budgets = progress.Progress(len(epsilons), "dp-sweep", unit="budget")  # a bar above each run's own
+    with lock:
+        for number, (epsilon, run_config) in enumerate(zip(epsilons, configs), 1):
+            pipeline.log(f"== budget epsilon={_label(epsilon)} ({number}/{len(epsilons)}) ==")
+            run_dir = out_dir / f"eps_{_label(epsilon)}"
+            results = pipeline.train_or_resume(run_config, run_dir)
+            if not results.get("attacks"):
+                results = pipeline.run_attack(run_dir)
+            progress.close_log()  # this budget's run.log holds its training and attack, no more
+            rows.append(sweep_row(epsilon, results, run_dir))
+            rundir.write_json(out_dir / "dp_sweep.json", rows)  # partial progress survives an interruption
+            budgets.update(number, line=f"dp-sweep: {number}/{len(epsilons)} budgets done "
+                                        f"(epsilon={_label(epsilon)})")
+        (out_dir / "dp_sweep.md").write_text(format_sweep(rows))
+        plot_sweep(rows, out_dir / "dp_sweep.png")
+        plot_epsilon_audit(rows, out_dir / "dp_audit.png")
     print(format_sweep(rows), flush=True)
     return rows
 

@@ -52,3 +52,43 @@ def test_bad_budgets_exit_2_before_training(tmp_path, capsys, epsilons, message)
 
 def test_parse_epsilons():
     assert parse_epsilons("inf, 16,8") == [math.inf, 16.0, 8.0]
+
+
+def test_a_sweep_rerun_on_its_out_keeps_finished_budgets_and_resumes_the_interrupted_one(tmp_path, monkeypatch,
+                                                                                          capsys):
+    from fedtask import checkpoint, pipeline, rundir
+
+    def args(out, epsilons):  # later --set values win
+        return [*sweep_args(out, epsilons), "--set", "federation.rounds=30", "--set", "federation.checkpoint_every=10"]
+
+    reference = tmp_path / "reference"
+    assert run.main(args(reference, "inf,8")) == 0
+
+    real = pipeline.train_or_resume
+
+    def stop_at_25(server_round, encoder, row):
+        if server_round == 25:
+            raise KeyboardInterrupt
+
+    def interrupted(config, out_dir, on_round=None):
+        return real(config, out_dir, on_round=stop_at_25 if Path(out_dir).name == "eps_8" else None)
+
+    out = tmp_path / "sweep"
+    monkeypatch.setattr(pipeline, "train_or_resume", interrupted)
+    assert run.main(args(out, "inf,8")) == 130
+    monkeypatch.undo()
+    assert checkpoint.latest_round(rundir.incomplete(out / "eps_8")) == 20
+    finished = (out / "eps_inf" / "results.json").read_bytes()
+    capsys.readouterr()
+
+    assert run.main(args(out, "inf,8,4")) == 2  # other budgets: another sweep, refused
+    assert "holds a DP sweep of other settings" in capsys.readouterr().err
+    assert run.main(args(out, "inf,8")) == 0
+    err = capsys.readouterr().err
+    assert "finished budgets are kept" in err and "resuming after round 20" in err
+    assert (out / "eps_inf" / "results.json").read_bytes() == finished  # kept, not trained again
+
+    def rows(path):
+        return [{k: v for k, v in row.items() if k != "run"} for row in json.loads((path / "dp_sweep.json").read_text())]
+
+    assert rows(out) == rows(reference)

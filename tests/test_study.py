@@ -93,7 +93,8 @@ def test_a_tiny_study_summarises_its_runs_and_resumes(tmp_path):
     assert set(strong["tpr_at_fpr"]) == {"0.001", "0.01", "0.1"}
     assert cell["summary"]["in_task_accuracy"]["values"] == [r["utility"]["in_task_accuracy"] for r in per_run]
 
-    # a killed study: one run lost, one left half-written; the re-run trains those two only
+    # a killed study: one run lost, one left half-written, one stopped after a checkpoint;
+    # the re-run trains the first two again and continues the third from its checkpoint
     kept = (out / cell["runs"][0] / "results.json").read_bytes()
     lost = out / result["cells"][0]["runs"][0]
     import shutil
@@ -101,8 +102,24 @@ def test_a_tiny_study_summarises_its_runs_and_resumes(tmp_path):
     partial = out / result["cells"][2]["runs"][1]
     shutil.rmtree(partial)
     (partial.with_name(partial.name + ".incomplete")).mkdir()
+    from fedtask import pipeline, rundir
+    from fedtask.config import load_config, with_overrides
+
+    stopped = out / cell["runs"][1]
+    encoder = (stopped / rundir.ENCODER).read_bytes()
+    config = with_overrides(load_config(stopped / rundir.CONFIG), {"federation.checkpoint_every": 2})
+    shutil.rmtree(stopped)
+
+    def stop_at_4(server_round, state, row):
+        if server_round == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_training(config, stopped, on_round=stop_at_4)
     again = run_study(spec, out, workers=1)
-    assert again["timing"]["runs_done_now"] == 2
+    assert again["timing"]["runs_done_now"] == 3
+    assert (stopped / rundir.ENCODER).read_bytes() == encoder  # resumed from round 2 to the same encoder
+    assert "resuming after round 2" in (out / "logs" / f"{stopped.parent.name}-{stopped.name}.log").read_text()
     assert (out / cell["runs"][0] / "results.json").read_bytes() == kept
     assert again["cells"][0]["summary"]["attacks"]["variance"]["strong"]["auc"]["values"] == \
         result["cells"][0]["summary"]["attacks"]["variance"]["strong"]["auc"]["values"]  # same seed, same AUC
