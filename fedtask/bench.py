@@ -187,10 +187,128 @@ def _minimal_runtime(config_json: str):
     return model, taskset, model.shared_parameter_names(), config.federation
 
 
+LAUNCHERS = ("flwr-run", "run_simulation")
+
+
+def launcher_config(tasks: int, rounds: int):
+    """A tiny model (16 -> 32 -> 4) on ``tasks`` tasks, every task every round: Flower's overhead dominates."""
+    return load_config("configs/synthetic.toml", [
+        f"data.num_in_tasks={tasks}", "data.num_out_tasks=2", f"federation.tasks_per_round={tasks}",
+        f"federation.rounds={rounds}", "federation.warm_start_rounds=0", "data.dim=16", "model.hidden_dim=32",
+        "model.embedding_dim=4", "federation.head_steps=1", "federation.engine=\"flower\""])
+
+
+class _TimedEngine:
+    """The Flower engine with the wall clock read where it starts, at each round's end, and where it returns."""
+
+    def __init__(self):
+        from fedtask.simulation import FlowerSimulationEngine
+
+        self.engine = FlowerSimulationEngine()
+        self.marks: dict = {}
+
+    def check(self, config) -> None:
+        self.engine.check(config)
+
+    def train(self, config, taskset, out_dir, *, on_round=None, **extra):
+        started = time.perf_counter()
+        hooks: list[float] = []
+
+        def hook(server_round, encoder, row):
+            hooks.append(time.perf_counter() - started)
+            if on_round:
+                on_round(server_round, encoder, row)
+
+        outcome = self.engine.train(config, taskset, out_dir, on_round=hook, **extra)
+        self.marks = {"hooks_s": hooks, "total_s": time.perf_counter() - started, **self.engine.timings}
+        return outcome
+
+
+def time_launcher(config, launcher: str) -> dict:
+    """Start-up, seconds per round and wind-down of one Flower training run through ``launcher``.
+
+    ``startup_s``: from the engine's start to the first round's start (the first hook's time less
+    that round's own seconds); ``round_s``: the median round after the first; ``teardown_s``: from
+    the last round to the engine's return (the final evaluation, then stopping Ray / the SuperLink)."""
+    engine = _TimedEngine()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        run_training(with_overrides(config, {"federation.launcher": launcher}), out, engine=engine, on_round=None)
+        rows = json.loads((out / rundir.METRICS).read_text())["rounds"]
+    marks = engine.marks
+    result = {"launcher": launcher, "startup_s": marks["hooks_s"][0] - rows[0]["seconds"],
+              "round_s": steady_seconds(rows), "first_round_s": rows[0]["seconds"],
+              "teardown_s": marks["total_s"] - marks["hooks_s"][-1], "total_s": marks["total_s"],
+              "rounds": len(rows)}
+    for key in ("superlink_s", "serverapp_s"):  # flwr-run's own marks
+        if key in marks:
+            result[key] = marks[key]
+    return result
+
+
+def launcher_bench(quick: bool = False) -> dict:
+    """The Flower engine through both launchers, alternating which goes first, at two sizes."""
+    # rounds per size: enough steady rounds that a shared machine's slow spells do not decide the median
+    rounds = {8: 6, 32: 6} if quick else {32: 30, 256: 12}
+    repeats = 1 if quick else 2
+    rows = []
+    for tasks, rounds_here in rounds.items():
+        config = launcher_config(tasks, rounds_here)
+        runs: dict[str, list[dict]] = {name: [] for name in LAUNCHERS}
+        for repeat in range(repeats):
+            order = LAUNCHERS if (repeat + len(rows)) % 2 == 0 else LAUNCHERS[::-1]
+            for launcher in order:
+                print(f"bench: launchers, {launcher}, {tasks} tasks/round, {rounds_here} rounds (run {repeat + 1} "
+                      f"of {repeats})", flush=True)
+                runs[launcher].append(time_launcher(config, launcher))
+        row = {"tasks_per_round": tasks, "rounds": rounds_here, "runs": runs}
+        for launcher in LAUNCHERS:
+            for key in ("startup_s", "round_s", "teardown_s", "total_s"):
+                row[f"{launcher}:{key}"] = statistics.median(r[key] for r in runs[launcher])
+        row["round_difference_s"] = row["flwr-run:round_s"] - row["run_simulation:round_s"]
+        row["startup_difference_s"] = row["flwr-run:startup_s"] - row["run_simulation:startup_s"]
+        rows.append(row)
+    return {"quick": quick, "repeats": repeats, "model": "mlp 16 -> 32 -> 4, 1 head step",
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "sizes": rows}
+
+
+def format_launchers(report: dict) -> str:
+    from attacks import markdown_table
+
+    table = markdown_table(
+        ["tasks/round", "rounds", "launcher", "start-up (s)", "s / round", "ms / client-round", "wind-down (s)",
+         "whole run (s)"],
+        [[row["tasks_per_round"], row["rounds"], launcher, f"{row[f'{launcher}:startup_s']:.1f}", f"{row[f'{launcher}:round_s']:.3f}",
+          f"{1000 * row[f'{launcher}:round_s'] / row['tasks_per_round']:.1f}",
+          f"{row[f'{launcher}:teardown_s']:.1f}", f"{row[f'{launcher}:total_s']:.1f}"]
+         for row in report["sizes"] for launcher in LAUNCHERS])
+    differences = "; ".join(
+        f"{row['tasks_per_round']} tasks/round: {row['round_difference_s']:+.3f} s/round, "
+        f"{row['startup_difference_s']:+.1f} s start-up" for row in report["sizes"])
+    return (f"## Flower's launchers: `flwr run` (flwr-run) vs `run_simulation`\n\n"
+            f"The flower engine, {report['model']}, every task every round, "
+            f"median of {report['repeats']} run(s) each (alternating which launcher goes first), "
+            f"{report['machine']['cpus']} CPUs. Start-up: from the engine's start to the first round's start "
+            "(flwr-run: a private SuperLink, `flwr run`, flwr-simulation, Ray; run_simulation: Ray). "
+            "s / round: median after the first round. Wind-down: the final evaluation, then stopping what "
+            f"the launcher started.\n\n{table}\n\nflwr-run minus run_simulation: {differences}.\n")
+
+
+def write_launchers(out_dir: Path, quick: bool = False) -> dict:
+    """The launcher comparison alone, as bench_launchers.json and bench_launchers.md in ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = launcher_bench(quick)
+    (out_dir / "bench_launchers.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "bench_launchers.md").write_text(format_launchers(report))
+    print(format_launchers(report), flush=True)
+    return report
+
+
 def run_bench(out_dir: Path, quick: bool = False) -> dict:
     import logging
 
-    logging.getLogger("flwr").setLevel(logging.ERROR)
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # its warnings (run_simulation's deprecation) show
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     num_tasks = 64 if quick else 256
@@ -236,12 +354,13 @@ def run_bench(out_dir: Path, quick: bool = False) -> dict:
 
     print("bench: accountants (RDP, PRV, PLD) on the default DP sweep's settings", flush=True)
     accountants = compare_accountants(accountant_settings())
+    launchers = launcher_bench(quick)
     report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "torch_threads": torch.get_num_threads(),
                           "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
               "quick": quick, "num_tasks": num_tasks, "rounds": rounds, "in_process_rounds": fast_rounds, "repeats": repeats,
               "vectorized_device": str(engine_device(config)), "engines": rows, "attack": attack,
-              "accountants": accountants}
+              "accountants": accountants, "launchers": launchers}
     (out_dir / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "bench.md").write_text(format_bench(report))
     print(format_bench(report), flush=True)
@@ -276,4 +395,23 @@ def format_bench(report: dict) -> str:
         from fedtask.bench_peers import format_accountants
 
         text += f"\n{format_accountants(report['accountants'])}\n"
+    if report.get("launchers"):
+        text += f"\n{format_launchers(report['launchers'])}"
     return text
+
+
+if __name__ == "__main__":  # python -m fedtask.bench --launchers [--quick] [--out DIR]
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m fedtask.bench")
+    parser.add_argument("--launchers", action="store_true", help="only the launcher comparison")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    from fedtask.rundir import default_out_dir
+
+    out = Path(args.out) if args.out else default_out_dir("bench")
+    if args.launchers:
+        write_launchers(out, quick=args.quick)
+    else:
+        run_bench(out, quick=args.quick)

@@ -42,14 +42,14 @@ DIFFERENCES = (
     "fedtask keeps each task's 2-way head private (one closed-form SGD step on it, then the encoder "
     "gradient at the updated head is the task's update), while pfl trains one shared head with the "
     "encoder (one SGD step on the whole model, learning rate 1, so a user's update is minus its "
-    "gradient, head included); fedtask batches every task of the round into one encoder pass "
-    "(vmap per task with DP, which needs each task's own update), pfl trains users one after another; "
+    "gradient, head included); fedtask runs every task of the round through one encoder forward and "
+    "one backward (with DP too, which keeps each task's own gradient: one batched product per layer "
+    "gives all tasks' weight gradients), pfl trains users one after another; "
     "fedtask evaluates its loss before the head step each round, pfl computes no metrics after round 0; "
     "with DP, fedtask samples tasks by Poisson sampling with the cohort as expected size "
     "(q = cohort / tasks) and divides by that expected size, pfl takes a fixed cohort and divides by it; "
-    "and with DP fedtask does more work than pfl: its per-task path (fedtask.task.local_round under vmap) "
-    "runs each task's encoder forward three times (loss before the round, head step, gradient) where pfl "
-    "runs it once, and it holds every task's encoder gradient (tasks x 37k floats) at once to clip them."
+    "and with DP fedtask holds every task's encoder gradient (tasks x 37k floats) at once and clips them "
+    "together, pfl clips one user's update at a time."
 )
 
 

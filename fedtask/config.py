@@ -103,6 +103,7 @@ class FederationConfig:
     max_failed_fraction: float = 0.1    # flower engine: share of a round's tasks that may fail before the run stops
     snapshot_every: int = 0             # keep the encoder every N rounds under snapshots/ (0 = off)
     checkpoint_every: int = 0           # everything training needs to continue, every N rounds (0 = off)
+    launcher: str = "flwr-run"          # flower engine: "flwr-run" (Flower's supported launcher) | "run_simulation"
     tensorboard: bool = False           # per-round loss, update norm and epsilon spent under <out>/tensorboard
 
 
@@ -367,6 +368,8 @@ def validate(config: Config) -> None:
              f"must be >= 0 (0 = no snapshots); got {fed.snapshot_every}")
     _require(fed.checkpoint_every >= 0, "federation.checkpoint_every",
              f"must be >= 0 (0 = no checkpoints); got {fed.checkpoint_every}")
+    _require(fed.launcher in ("flwr-run", "run_simulation"), "federation.launcher",
+             f"must be 'flwr-run' or 'run_simulation'; got {fed.launcher!r}")
     _require(fed.samples_per_pass >= 0, "federation.samples_per_pass",
              "must be >= 0 (0 = chosen per device: 1024 on a CPU, 8192 on a GPU)")
 

@@ -1,9 +1,45 @@
 """The ``flower`` engine: one ClientApp per IN task on Flower's simulation runtime (Ray),
-locally or on a Ray cluster (``federation.ray_address``)."""
+locally or on a Ray cluster (``federation.ray_address``).
+
+Two launchers, ``federation.launcher``:
+
+``"flwr-run"`` (default): Flower's supported path. A private SuperLink in simulation mode
+(``flower-superlink --simulation``, on a free loopback port, with its own ``FLWR_HOME`` in a
+temporary directory) and ``flwr run`` of a generated one-file Flower App whose components
+are this package's, so what runs is this checkout's code, not a copy. Flower's runtime starts
+``flwr-simulation``, which runs :data:`relay_app` (the ServerApp) and the ClientApps on Ray.
+The ServerApp dials back to this process on loopback (with a random token), receives the
+resolved configuration, the task spec and the run directory, trains with
+:func:`fedtask.federation.run_federation`, relays every round to this process's round hook
+(progress, divergence guard, snapshots: the hook's answer continues or stops the run) and
+sends the outcome back. So checks, run directory, outputs and exit status stay
+:func:`fedtask.pipeline.run_training`'s, as with the other launcher. The SuperLink and
+everything under it (flwr-simulation, Ray) stop when training ends, fails or is interrupted.
+
+``"run_simulation"``: :func:`flwr.simulation.run_simulation` in this process, which Flower
+1.41 deprecates; its deprecation notice is shown.
+"""
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
+import re
+import secrets
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Mapping
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -11,12 +47,17 @@ import torch
 from flwr.app import Context
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
-from flwr.simulation import run_simulation
 
 from fedtask.client_app import app as default_client_app
-from fedtask.config import ConfigError
-from fedtask.engines import RoundHook, TrainingOutcome
+from fedtask.config import ConfigError, from_dict
+from fedtask.engines import RoundHook, TrainingFailed, TrainingOutcome
 from fedtask.federation import run_federation
+
+LAUNCHERS = ("flwr-run", "run_simulation")
+RELAY_APP = "fedtask.simulation:relay_app"  # the ServerApp flwr-simulation runs for the flwr-run launcher
+CONNECTION = "fedtask"  # the SuperLink connection's name in the private FLWR_HOME
+STARTUP_TIMEOUT = 300.0  # seconds for the SuperLink, then the ServerApp, to come up
+STOP_GRACE = 5.0  # seconds to wait for what the launcher started to be gone
 
 
 def backend_config(config) -> dict:
@@ -31,13 +72,36 @@ def backend_config(config) -> dict:
             "init_args": init_args}
 
 
+def federation_config_args(config) -> str:
+    """``flwr run --federation-config``: the same Ray resources as :func:`backend_config`.
+
+    Flower's simulation config takes whole CPUs per client; a fractional share (0.5: two clients
+    per core) becomes one logical CPU per client on a Ray node of cores / share logical CPUs, which
+    packs as many clients at once."""
+    fed = config.federation
+    cpus = fed.num_cpus_per_client
+    args = {"num-supernodes": config.data.num_in_tasks, "client-resources-num-gpus": float(fed.num_gpus_per_client),
+            "init-args-logging-level": "ERROR", "init-args-log-to-driver": False}
+    if float(cpus).is_integer():
+        args["client-resources-num-cpus"] = int(cpus)
+        if not fed.ray_address:
+            args["init-args-num-cpus"] = os.cpu_count() or 1
+    else:  # only without a cluster (checked): its nodes' CPUs are not ours to rescale
+        args["client-resources-num-cpus"] = 1
+        args["init-args-num-cpus"] = max(1, int((os.cpu_count() or 1) // cpus))
+    return " ".join(f"{key}={json.dumps(value)}" for key, value in args.items())
+
+
 class FlowerSimulationEngine:
-    def __init__(self, client_app: ClientApp = default_client_app):
-        self.client_app = client_app  # tests inject failing clients here
+    def __init__(self, client_app: ClientApp | str = default_client_app):
+        self.client_app = client_app  # tests inject failing clients here (an object, or "module:attribute")
+        self.timings: dict = {}  # the flwr-run launcher's start-up marks (the bench reads them)
 
     def check(self, config) -> None:
         """Resources this machine cannot give: refused here, or Ray waits for them for ever."""
         fed = config.federation
+        if fed.launcher == "flwr-run":
+            self._check_flwr_run(config)
         if fed.ray_address:
             return  # a cluster's resources are known only once joined
         cpus = os.cpu_count() or 1
@@ -49,22 +113,541 @@ class FlowerSimulationEngine:
             raise ConfigError(f"federation.num_gpus_per_client: {fed.num_gpus_per_client:g} GPUs per client, but "
                               f"this machine has {gpus}" + ("; set it to 0" if gpus == 0 else ""))
 
-    def train(self, config, taskset, out_dir: Path, *, on_round: RoundHook | None = None) -> TrainingOutcome:
+    def _check_flwr_run(self, config) -> None:
+        missing = [name for name in ("flower-superlink", "flower-superexec", "flwr-simulation", "flwr")
+                   if not _command(name)]
+        if missing:
+            raise ConfigError(f"federation.launcher: 'flwr-run' needs Flower's {', '.join(missing)} command"
+                              f"{'s' if len(missing) > 1 else ''} (pip install \"flwr[simulation]\"); or set "
+                              "federation.launcher = \"run_simulation\"")
+        fed = config.federation
+        if fed.ray_address and not float(fed.num_cpus_per_client).is_integer():
+            raise ConfigError(f"federation.num_cpus_per_client: {fed.num_cpus_per_client:g}: flwr run gives each "
+                              "client whole CPUs of a Ray cluster (federation.ray_address); use a whole number, "
+                              "or federation.launcher = \"run_simulation\"")
+        if app_reference(self.client_app) is None:
+            raise ConfigError("federation.launcher: 'flwr-run' loads the ClientApp by module and name in Flower's "
+                              "runtime process, and this one is not a module attribute; use "
+                              "federation.launcher = \"run_simulation\"")
+
+    def train(self, config, taskset, out_dir: Path, *, on_round: RoundHook | None = None,
+              **extra) -> TrainingOutcome:
         """Run the FedSGD ServerApp against ``data.num_in_tasks`` simulated SuperNodes."""
+        if config.federation.launcher == "run_simulation":
+            return self._run_simulation(config, taskset, out_dir, on_round, extra)
+        reference = app_reference(self.client_app)
+        if reference is None:  # train() without check(): say what check() would have
+            self._check_flwr_run(config)
+        return run_with_flwr(config, taskset.spec, Path(out_dir), on_round=on_round, client_app=reference,
+                             extra=extra, timings=self.timings)
+
+    def _run_simulation(self, config, taskset, out_dir, on_round, extra) -> TrainingOutcome:
+        from flwr.simulation import run_simulation
+
         result: Future = Future()  # run_simulation swallows the ServerApp's exceptions: carry them out
         server = ServerApp()
 
         @server.main()
         def main(grid: Grid, context: Context) -> None:
             try:
-                result.set_result(run_federation(grid, config, taskset.spec, out_dir, on_round=on_round))
+                result.set_result(run_federation(grid, config, taskset.spec, out_dir, on_round=on_round, **extra))
             except BaseException as err:
                 result.set_exception(err)
 
-        logging.getLogger("flwr").setLevel(logging.ERROR)  # hides run_simulation's deprecation notice
-        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # and Ray's GPU-env tip
-        run_simulation(server_app=server, client_app=self.client_app, num_supernodes=config.data.num_in_tasks,
-                       backend_config=backend_config(config))
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # Ray's GPU-env tip, not Flower's notice
+        client_app = self.client_app if isinstance(self.client_app, ClientApp) else _load_app(self.client_app)
+        flwr_logger = logging.getLogger("flwr")
+        level, propagate = flwr_logger.level, flwr_logger.propagate
+        # Flower's own handler prints its warnings, the deprecation notice among them, once; its DEBUG
+        # lines (which a root handler, e.g. the one Opacus installs on import, would also print) stay out
+        flwr_logger.setLevel(logging.WARNING)
+        flwr_logger.propagate = False
+        try:
+            run_simulation(server_app=server, client_app=client_app, num_supernodes=config.data.num_in_tasks,
+                           backend_config=backend_config(config))  # prints Flower's deprecation notice
+        finally:
+            flwr_logger.setLevel(level)
+            flwr_logger.propagate = propagate
         if not result.done():
             raise RuntimeError("the Flower simulation ended without a result (see the log above)")
         return result.result()
+
+
+# ---------------------------------------------------------------------------------------------
+# the flwr-run launcher: this process's side
+
+
+def run_with_flwr(config, spec, out_dir: Path, *, on_round: RoundHook | None, client_app: str,
+                  extra: dict | None = None, timings: dict | None = None) -> TrainingOutcome:
+    """Train through ``flwr run`` on a private local SuperLink; see the module's docstring.
+
+    ``timings`` (the bench's) receives wall-clock marks from the start of this call:
+    ``submitted_s`` (``flwr run`` has started the run), ``serverapp_s`` (the ServerApp called back)."""
+    started = time.perf_counter()
+    marks = timings if timings is not None else {}
+    marks.clear()
+    with tempfile.TemporaryDirectory(prefix="fedtask-flwr-") as tmp, \
+            socket.create_server(("127.0.0.1", 0)) as listener:
+        tmp = Path(tmp)
+        token = secrets.token_hex(16)
+        app_dir = _write_app(tmp / "app", client_app)
+        env = _launch_env(config, tmp / "home")
+        run_args = ["run", str(app_dir), CONNECTION, "--stream",
+                    "--run-config", f"relay='127.0.0.1:{listener.getsockname()[1]}' token='{token}'",
+                    "--federation-config", federation_config_args(config)]
+        processes: list[subprocess.Popen] = []
+        try:
+            cli, log = _start(tmp, env, run_args, processes, lambda: time.perf_counter() - started, marks)
+            sock = _accept(listener, token, cli, log)
+            marks["serverapp_s"] = time.perf_counter() - started
+            with sock:
+                return _serve(sock, config, spec, Path(out_dir).resolve(), on_round, extra or {}, cli, log)
+        finally:
+            _stop(processes)
+
+
+def _serve(sock: socket.socket, config, spec, out_dir: Path, on_round: RoundHook | None, extra: dict,
+           cli: subprocess.Popen, log: "_FlowerLog") -> TrainingOutcome:
+    """Hand the ServerApp its job, run the round hook on what it relays, take back the outcome."""
+    _send(sock, {"type": "job", "config": config.to_dict(), "spec": dataclasses.asdict(spec),
+                 "out_dir": str(out_dir), "hooked": on_round is not None, "extra": _extra_to_json(extra)})
+    relayed: dict[int, dict] = {}  # round -> the row the hook saw (a hook may add to it)
+    while True:
+        header, blobs = _recv_or_fail(sock, cli, log)
+        kind = header["type"]
+        if kind == "round":
+            row = header["row"]
+            relayed[header["round"]] = row
+            encoder = _RelayedEncoder(sock, header["round"])
+            try:
+                on_round(header["round"], encoder, row)
+            except BaseException:
+                _send(sock, {"type": "stop"})
+                raise
+            finally:
+                encoder.expire()
+            _send(sock, {"type": "continue"})
+        elif kind == "done":
+            from safetensors.torch import load
+
+            rounds = [relayed.get(row["round"], row) for row in header["rounds"]]
+            return TrainingOutcome(initial_encoder=load(blobs[0]), encoder=load(blobs[1]), rounds=rounds,
+                                   evaluation=header["evaluation"], heads_dir=Path(header["heads_dir"]))
+        elif kind == "failed":
+            raise TrainingFailed(header["message"])
+        else:
+            raise RuntimeError(f"the Flower ServerApp failed: {header.get('message')}\n{header.get('traceback', '')}")
+
+
+class _RelayedEncoder(Mapping):
+    """The round's encoder as the hook sees it: fetched from the ServerApp only if the hook reads it."""
+
+    def __init__(self, sock: socket.socket, server_round: int):
+        self._sock, self._round, self._state, self._expired = sock, server_round, None, False
+
+    def _load(self) -> dict:
+        if self._state is None:
+            if self._expired:
+                raise RuntimeError(f"the encoder of round {self._round} can be read only while its round hook runs")
+            from safetensors.torch import load
+
+            _send(self._sock, {"type": "encoder"})
+            _, blobs = _recv(self._sock)
+            self._state = load(blobs[0])
+        return self._state
+
+    def expire(self) -> None:
+        self._expired = True
+
+    def __getitem__(self, key):
+        return self._load()[key]
+
+    def __iter__(self):
+        return iter(self._load())
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+
+def _extra_to_json(extra: dict) -> dict:
+    """What ``run_training`` hands an engine besides the hook (checkpointing, a checkpoint to resume
+    from), as plain values the ServerApp rebuilds them from."""
+    out = {}
+    for key, value in extra.items():
+        if key == "checkpoints":
+            out[key] = {"run_dir": str(Path(value.run_dir).resolve()), "every": value.every,
+                        "fingerprint": value.fingerprint, "engine": value.engine, "earlier_s": value.earlier_s}
+        elif key == "resume":
+            out[key] = {"run_dir": str(Path(value.path).resolve().parent.parent)}  # <run>/checkpoints/round_N
+        else:
+            raise TypeError(f"the flwr-run launcher cannot pass {key!r} to the ServerApp")
+    return out
+
+
+def _extra_from_json(extra: dict) -> dict:
+    out = {}
+    if "checkpoints" in extra:
+        from fedtask.checkpoint import Checkpointing
+
+        c = extra["checkpoints"]
+        out["checkpoints"] = Checkpointing(Path(c["run_dir"]), every=c["every"], fingerprint=c["fingerprint"],
+                                           engine=c["engine"], earlier_s=c["earlier_s"])
+    if "resume" in extra:
+        from fedtask.checkpoint import load_checkpoint
+
+        out["resume"] = load_checkpoint(Path(extra["resume"]["run_dir"]))
+    return out
+
+
+def _command(name: str) -> str | None:
+    """A Flower console script: beside this interpreter, else on PATH."""
+    beside = Path(sys.executable).with_name(name)
+    return str(beside) if beside.is_file() else shutil.which(name)
+
+
+def app_reference(app) -> str | None:
+    """``module:attribute`` naming a ClientApp object (None when no imported module holds it)."""
+    if isinstance(app, str):
+        return app
+    if app is default_client_app:
+        return "fedtask.client_app:app"
+    for name, module in list(sys.modules.items()):
+        if name == "__main__" or module is None:
+            continue
+        for attribute, value in list(getattr(module, "__dict__", {}).items()):
+            if value is app:
+                return f"{name}:{attribute}"
+    return None
+
+
+def _load_app(reference: str):
+    import importlib
+
+    module, _, attribute = reference.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def _write_app(app_dir: Path, client_app: str) -> Path:
+    """The Flower App ``flwr run`` submits: a pyproject.toml naming this package's components."""
+    app_dir.mkdir(parents=True)
+    (app_dir / "pyproject.toml").write_text(f"""\
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "fedtask-run"
+version = "1.0.0"
+description = "A fedtask federation, launched by fedtask's flower engine (fedtask/simulation.py)"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "fedtask"
+
+[tool.flwr.app.components]
+serverapp = "{RELAY_APP}"
+clientapp = "{client_app}"
+
+[tool.flwr.app.config]
+relay = ""
+token = ""
+""")
+    return app_dir
+
+
+def _launch_env(config, home: Path) -> dict:
+    """The SuperLink's environment, which flwr-simulation and its Ray workers inherit."""
+    home.mkdir(parents=True)
+    env = dict(os.environ)
+    # the modules this process imports (this checkout, a test's module), found the same way there
+    path = [Path(entry or os.getcwd()).resolve() for entry in sys.path]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(str(entry) for entry in path if entry.is_dir()))
+    env.update({"FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1"})
+    env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # Ray's GPU-env tip
+    if config.federation.ray_address:
+        env["RAY_ADDRESS"] = config.federation.ray_address  # Flower's simulation config has no address
+    return env
+
+
+def _die_with_parent() -> None:
+    """In the child, before it runs: on Linux, SIGTERM it when this process dies, even by kill -9
+    (Flower's processes below the SuperLink, and Ray's below flwr-simulation, follow their parents)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ``flwr run``, started beside the SuperLink: the command's entry point (what the ``flwr`` script
+# calls) is imported while the SuperLink starts, and called once the SuperLink answers
+_FLWR_AFTER_SUPERLINK = """
+import sys, time, urllib.request
+from flwr.cli.app import app
+url, deadline = sys.argv[1], time.monotonic() + float(sys.argv[2])
+while True:
+    try:
+        with urllib.request.urlopen(url, timeout=0.5) as reply:
+            if reply.status == 200:
+                break
+    except OSError:
+        if time.monotonic() > deadline:
+            sys.exit("Flower's SuperLink did not answer at " + url)
+        time.sleep(0.1)
+sys.argv = ["flwr", *sys.argv[3:]]
+sys.exit(app())
+"""
+
+
+def _start(tmp: Path, env: dict, run_args: list[str], processes: list, clock, marks: dict):
+    """A SuperLink in simulation mode on a free loopback port, and ``flwr run`` against it."""
+    for _ in range(3):  # a port taken between choosing and binding it: try another
+        port = _free_port()
+        (tmp / "home" / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+        link = subprocess.Popen(
+            [_command("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+             "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port),
+             "--log-file", str(tmp / "superlink.log")],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C reaches this process only; it stops the SuperLink itself
+            preexec_fn=_die_with_parent)
+        processes.append(link)
+        cli = subprocess.Popen(
+            [sys.executable, "-c", _FLWR_AFTER_SUPERLINK, f"http://127.0.0.1:{port}/health", str(STARTUP_TIMEOUT),
+             *run_args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, preexec_fn=_die_with_parent)
+        processes.append(cli)
+        log = _FlowerLog(cli.stdout, clock, marks)
+        while link.poll() is None and cli.poll() is None and "submitted_s" not in marks:
+            time.sleep(0.1)
+        if link.poll() is None:
+            return cli, log
+        _stop([cli])
+    raise TrainingFailed(f"Flower's SuperLink exited at start (exit status {link.returncode}; its log: "
+                         f"{tmp / 'superlink.log'}); federation.launcher = \"run_simulation\" runs without it")
+
+
+def _accept(listener: socket.socket, token: str, cli: subprocess.Popen, log: "_FlowerLog") -> socket.socket:
+    """The ServerApp's call back (with the token), or why it will not come."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    listener.settimeout(0.2)
+    while time.monotonic() < deadline:
+        if cli.poll() is not None:
+            log.join()
+            raise TrainingFailed(f"the Flower run ended before its ServerApp started ({log.last_error()})")
+        try:
+            sock, _ = listener.accept()
+        except TimeoutError:
+            continue
+        sock.settimeout(30.0)
+        try:
+            header, _ = _recv(sock)
+        except (OSError, ValueError):
+            sock.close()
+            continue
+        if isinstance(header, dict) and secrets.compare_digest(str(header.get("token", "")), token):
+            sock.settimeout(None)
+            return sock
+        sock.close()  # not ours
+    raise TrainingFailed(f"the Flower ServerApp did not start within {STARTUP_TIMEOUT:.0f} s")
+
+
+def _recv_or_fail(sock: socket.socket, cli: subprocess.Popen, log: "_FlowerLog"):
+    """The ServerApp's next message; a ServerApp that is gone ends the run (exit status 1)."""
+    while True:
+        readable, _, _ = select.select([sock], [], [], 0.5)
+        if readable:
+            try:
+                return _recv(sock)
+            except (OSError, ValueError):
+                break
+        if cli.poll() is not None:  # the run ended: whatever the ServerApp sent is read by now
+            readable, _, _ = select.select([sock], [], [], 0.5)
+            if not readable:
+                break
+    log.join(timeout=5.0)
+    raise TrainingFailed(f"the Flower run ended without a result ({log.last_error()})")
+
+
+def _stop(processes: list[subprocess.Popen]) -> None:
+    """Stop the SuperLink, flwr run and everything below them (flwr-simulation, Ray), and only those.
+
+    SIGKILL, at once: the run's outputs are written or given up by now, and nothing below has
+    state worth a graceful exit (a SIGTERM'd flwr-simulation would first try to report to the
+    SuperLink that is going away)."""
+    import psutil
+
+    everything = []
+    for process in processes:
+        try:
+            parent = psutil.Process(process.pid)
+            everything += [parent, *parent.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+    for proc in everything:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    deadline = time.monotonic() + STOP_GRACE
+    while everything and time.monotonic() < deadline:  # gone, or a zombie (killed; whoever adopted it reaps it)
+        everything = [proc for proc in everything if _running(proc)]
+        time.sleep(0.05)
+    for process in processes:
+        try:
+            process.wait(timeout=0.1)  # reap
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _running(proc) -> bool:
+    import psutil
+
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Flower's own chatter in the run's log (its INFO lines, the federation-size notes) that says nothing
+# the progress lines do not; warnings and errors, deprecations included, pass through
+_QUIET = re.compile(r"^(INFO|DEBUG)\s*:|^Using SuperLink:|^Successfully started run|"
+                    r"^Successfully installed fedtask-run to|default simulated SuperNodes changed|"
+                    r"Manually terminating ClientAppActor")
+
+
+class _FlowerLog:
+    """``flwr run --stream``'s output, passed to stderr without Flower's INFO chatter."""
+
+    def __init__(self, stream, clock=None, marks: dict | None = None):
+        self.lines: deque[str] = deque(maxlen=200)
+        self._clock, self._marks = clock, marks if marks is not None else {}
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream) -> None:
+        for raw in iter(stream.readline, b""):
+            line = _ANSI.sub("", raw.decode(errors="replace")).rstrip()
+            text = re.sub(r"^\(\w+ pid=\d+\)\s*", "", line).strip()  # Ray's prefix on a worker's lines
+            if not text:
+                continue
+            if text.startswith("Successfully started run") and self._clock:
+                self._marks.setdefault("submitted_s", self._clock())
+            self.lines.append(text)
+            if not _QUIET.search(text):
+                print(line, file=sys.stderr, flush=True)
+
+    def join(self, timeout: float = 5.0) -> None:
+        self._thread.join(timeout)
+
+    def last_error(self) -> str:
+        for line in reversed(self.lines):
+            if re.search(r"error|exception", line, re.IGNORECASE):
+                return line[:300]
+        return "see the log above"
+
+
+# ---------------------------------------------------------------------------------------------
+# the wire: one frame = 8-byte length, a JSON header, then the binary blobs it lists
+
+
+def _send(sock: socket.socket, header: dict, blobs: tuple[bytes, ...] | list[bytes] = ()) -> None:
+    data = json.dumps({**header, "blobs": [len(b) for b in blobs]}, default=_plain).encode()
+    sock.sendall(struct.pack("!Q", len(data)) + data)
+    for blob in blobs:
+        sock.sendall(blob)
+
+
+def _recv(sock: socket.socket) -> tuple[dict, list[bytes]]:
+    (size,) = struct.unpack("!Q", _exactly(sock, 8))
+    if size > 1 << 30:
+        raise ValueError("frame too large")
+    header = json.loads(_exactly(sock, size))
+    return header, [_exactly(sock, n) for n in header.pop("blobs", [])]
+
+
+def _exactly(sock: socket.socket, size: int) -> bytes:
+    chunks, left = [], size
+    while left:
+        chunk = sock.recv(min(left, 1 << 20))
+        if not chunk:
+            raise ConnectionError("the other side closed the connection")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _plain(value):
+    """numpy / torch scalars in a round's row, as JSON numbers."""
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _state_bytes(state) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous() for k, v in state.items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# the flwr-run launcher: the ServerApp's side, in flwr-simulation
+
+relay_app = ServerApp()
+
+
+class _Stopped(BaseException):
+    """The round hook in the launching process stopped the run (it raised there)."""
+
+
+@relay_app.main()
+def _relayed(grid: Grid, context: Context) -> None:
+    """Train the job the launching process hands over, relaying each round to its hook."""
+    from fedtask.data.base import TaskSpec
+
+    host, _, port = str(context.run_config["relay"]).rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=STARTUP_TIMEOUT) as sock:
+        sock.settimeout(None)
+        _send(sock, {"token": str(context.run_config["token"])})
+        job, _ = _recv(sock)
+        try:
+            config = from_dict(job["config"], check=False)  # validated by the launching process
+            spec = TaskSpec(**{**job["spec"], "input_shape": tuple(job["spec"]["input_shape"])})
+
+            def relay(server_round: int, encoder, row: dict) -> None:
+                _send(sock, {"type": "round", "round": server_round, "row": row})
+                while True:
+                    answer, _ = _recv(sock)
+                    if answer["type"] == "encoder":
+                        _send(sock, {"type": "state"}, [_state_bytes(encoder)])
+                    elif answer["type"] == "continue":
+                        return
+                    else:
+                        raise _Stopped()
+
+            outcome = run_federation(grid, config, spec, Path(job["out_dir"]),
+                                     on_round=relay if job["hooked"] else None,
+                                     **_extra_from_json(job.get("extra", {})))
+        except _Stopped:
+            return
+        except TrainingFailed as err:
+            _send(sock, {"type": "failed", "message": str(err)})
+            return
+        except Exception as err:  # noqa: BLE001 - reported to the launching process, which raises it
+            _send(sock, {"type": "error", "message": f"{type(err).__name__}: {err}",
+                         "traceback": traceback.format_exc()})
+            return
+        _send(sock, {"type": "done", "rounds": outcome.rounds, "evaluation": outcome.evaluation,
+                     "heads_dir": str(outcome.heads_dir)},
+              [_state_bytes(outcome.initial_encoder), _state_bytes(outcome.encoder)])

@@ -16,7 +16,7 @@ from typing import Mapping
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, grad_and_value
+from torch.func import functional_call, grad_and_value, vjp
 
 from fedtask.models import TaskModel
 
@@ -66,6 +66,23 @@ def head_steps_on_embeddings(private: Params, embeddings: torch.Tensor, y: torch
     return _sgd_steps(lambda p: head_gradient(p, embeddings, y)[:2], private, lr, weight_decay, steps)
 
 
+def head_round_on_embeddings(private: Params, embeddings: torch.Tensor, y: torch.Tensor, lr: float,
+                             weight_decay: float, steps: int):
+    """A linear head's part of a round, given the task's embeddings (leading task dimensions allowed).
+
+    Returns (the head after :func:`head_steps_on_embeddings`, the loss before them, the gradient of
+    the loss at the new head with respect to the embeddings). The loss before the round and the
+    first step's gradient are one :func:`head_gradient` call.
+    """
+    grads, loss_before, grad_embeddings = head_gradient(private, embeddings, y)
+    private = dict(private)
+    if steps > 0:
+        private = head_steps_on_embeddings(_sgd_update(private, grads, lr, weight_decay), embeddings, y, lr,
+                                           weight_decay, steps - 1)
+        grad_embeddings = head_gradient(private, embeddings, y)[2]
+    return private, loss_before, grad_embeddings
+
+
 def head_gradient(private: Params, embeddings: torch.Tensor, y: torch.Tensor):
     """:func:`head_loss`'s gradient in closed form: (gradients of the head, loss, gradient of the embeddings).
 
@@ -93,8 +110,13 @@ def _sgd_steps(step, private: Params, lr: float, weight_decay: float, steps: int
     private = dict(private)
     for _ in range(steps):
         grads, _ = step(private)
-        private = {name: value - lr * (grads[name] + weight_decay * value) for name, value in private.items()}
+        private = _sgd_update(private, grads, lr, weight_decay)
     return private
+
+
+def _sgd_update(private: Params, grads: Params, lr: float, weight_decay: float) -> dict[str, torch.Tensor]:
+    """One SGD step with decoupled weight decay."""
+    return {name: value - lr * (grads[name] + weight_decay * value) for name, value in private.items()}
 
 
 def encoder_gradient(model: TaskModel, shared: Params, private: Params, x: torch.Tensor, y: torch.Tensor,
@@ -124,6 +146,36 @@ def local_round(model: TaskModel, shared: Params, private: Params, x: torch.Tens
     if warm_start:
         return private, None, loss_before
     grads, _ = encoder_gradient(model, shared, private, x, y, trainable)
+    return private, grads, loss_before
+
+
+def linear_head_round(model: TaskModel, shared: Params, private: Params, x: torch.Tensor, y: torch.Tensor,
+                      lr: float, weight_decay: float, steps: int, warm_start: bool,
+                      trainable: list[str] | None = None):
+    """:func:`local_round` for a linear head (``model.head_only``), with one encoder forward.
+
+    ``local_round`` embeds the task's samples three times (the loss before the round, the
+    head steps, the encoder gradient). A linear head needs them once: the loss, the head
+    steps and the embeddings' gradient at the updated head are closed-form functions of the
+    embeddings (:func:`head_gradient`), and the encoder gradient is that gradient pulled back
+    through the one forward (``torch.func.vjp``). The same results up to float rounding, and
+    written with ``torch.func`` so that ``vmap`` over tasks gives every task's own encoder
+    gradient from one batched forward and one batched backward.
+    """
+    if not model.head_only:
+        raise ValueError("linear_head_round needs a linear head (model.head_only); use local_round")
+    names = list(trainable) if trainable is not None else list(shared)
+    fixed = {name: value.detach() for name, value in shared.items() if name not in names}
+    if warm_start:
+        embeddings, pull_back = embed(model, {name: value.detach() for name, value in shared.items()}, x), None
+    else:
+        embeddings, pull_back = vjp(lambda train: embed(model, {**fixed, **train}, x),
+                                    {name: shared[name] for name in names})
+    private = {name: value.detach() for name, value in private.items()}
+    private, loss_before, grad_embeddings = head_round_on_embeddings(private, embeddings, y, lr, weight_decay, steps)
+    if warm_start:
+        return private, None, loss_before
+    (grads,) = pull_back(grad_embeddings)
     return private, grads, loss_before
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from fedtask.checkpoint import Checkpoint, Checkpointing
 from fedtask.config import ConfigError
 from fedtask.data.base import TaskSet
 from fedtask.engines import RoundHook, TrainingOutcome, encoder_aggregator
-from fedtask.models import build_model, initial_private_state, pick_device
+from fedtask.models import MLPEncoder, build_model, initial_private_state, pick_device
 from fedtask.rundir import HEADS, save_head
 from strategies.fedsgd import round_row
 from strategies.sampling import sample_round
@@ -93,7 +94,14 @@ def _mean_gradient_round(model, shared: dict, private: dict, x: torch.Tensor, y:
     batch norm, transformers without dropout), so ``chunk`` tasks' samples at a time go
     through :func:`fedtask.task.embed` as one batch, exactly as each client's do. The head
     steps then run on all tasks' embeddings at once, and each pass's backward adds its share.
+    The MLP encoder's forward and backward are written out (:class:`_MLPRound`).
     """
+    weights = _mlp_weights(model, shared, trainable, x)
+    if weights is not None:
+        mlp = _MLPRound(model, weights, x, chunk)
+        new_private, losses, grad_embeddings = task_math.head_round_on_embeddings(
+            private, mlp.embeddings, y, fed.head_lr, fed.head_weight_decay, fed.head_steps)
+        return new_private, mlp.mean_gradient(grad_embeddings / len(x)), losses
     fixed = {name: value for name, value in shared.items() if name not in trainable}
     train = {name: shared[name].detach().requires_grad_() for name in trainable}
     params = {**fixed, **train}
@@ -101,13 +109,154 @@ def _mean_gradient_round(model, shared: dict, private: dict, x: torch.Tensor, y:
               for part in x.split(chunk)]
     frozen = torch.cat([embeddings.detach() for embeddings in passes])
     # the head's closed-form gradient takes leading task dimensions: no vmap needed
-    _, losses, _ = task_math.head_gradient(private, frozen, y)
-    new_private = task_math.head_steps_on_embeddings(private, frozen, y, fed.head_lr, fed.head_weight_decay,
-                                                     fed.head_steps)
-    _, _, grad_embeddings = task_math.head_gradient(new_private, frozen, y)
+    new_private, losses, grad_embeddings = task_math.head_round_on_embeddings(
+        private, frozen, y, fed.head_lr, fed.head_weight_decay, fed.head_steps)
     # one backward through every pass: autograd adds the passes' shares of the mean gradient
     grads = torch.autograd.grad(passes, list(train.values()), list((grad_embeddings / len(x)).split(chunk)))
     return new_private, dict(zip(train, grads)), losses
+
+
+def _task_updates_round(model, shared: dict, private: dict, x: torch.Tensor, y: torch.Tensor, fed: dict,
+                        trainable: list[str], chunk: int, warm: bool):
+    """Each task's head steps and (unless warm-starting) its own encoder gradient, for DP or normalisation.
+
+    Returns (new heads, a (tasks, parameters) matrix whose row i is task i's gradient flattened in
+    ``trainable`` order, or None when warm-starting, losses before the round). One encoder
+    forward per task (:func:`fedtask.task.linear_head_round` under ``vmap``, ``chunk`` tasks at a
+    time, or the MLP's written-out passes), where :func:`fedtask.task.local_round` takes three;
+    the rows go straight into a matrix kept across rounds (:func:`_scratch`).
+    """
+    weights = _mlp_weights(model, shared, trainable, x)
+    if weights is not None:
+        mlp = _MLPRound(model, weights, x, chunk)
+        new_private, losses, grad_embeddings = task_math.head_round_on_embeddings(
+            private, mlp.embeddings, y, fed.head_lr, fed.head_weight_decay, fed.head_steps)
+        return new_private, None if warm else mlp.task_gradients(grad_embeddings), losses
+    task_round = functools.partial(task_math.linear_head_round, model, shared, lr=fed.head_lr,
+                                   weight_decay=fed.head_weight_decay, steps=fed.head_steps, warm_start=warm,
+                                   trainable=trainable)
+
+    @vmap
+    def one_task(p, xb, yb):
+        new_p, grads, task_loss = task_round(p, xb, yb)
+        return new_p, ({} if grads is None else grads), task_loss  # warm-start: no encoder gradient
+
+    heads = [dict(zip(private, parts)) for parts in zip(*(value.split(chunk) for value in private.values()))]
+    updates, new_heads, losses, start = None, [], [], 0
+    for head, xb, yb in zip(heads, x.split(chunk), y.split(chunk)):
+        new_head, grads, loss = one_task(head, xb, yb)
+        if grads:
+            if updates is None:
+                columns = sum(grads[name][0].numel() for name in trainable)
+                updates = _scratch(model, "updates", (len(x), columns), grads[trainable[0]])
+            torch.cat([grads[name].flatten(1) for name in trainable], dim=1, out=updates[start:start + len(xb)])
+        new_heads.append(new_head)
+        losses.append(loss)
+        start += len(xb)
+    return _join(new_heads), updates, torch.cat(losses)
+
+
+# Scratch tensors kept per model across rounds. The C allocator hands large blocks back to the
+# system when they are freed and maps them anew, so a round that allocates its per-task gradients
+# (256 tasks x 37k floats: 38 MB) or its activations afresh pays a page fault per 4 kB touched,
+# which on a CPU costs as much as computing them.
+_SCRATCH: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _scratch(model, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    """A tensor of ``shape`` (``like``'s dtype and device) kept for ``model`` under ``name``; contents undefined.
+
+    Only the leading dimension may change between calls: a smaller one reuses the kept tensor's rows.
+    """
+    kept = _SCRATCH.setdefault(model, {})
+    buffer = kept.get(name)
+    if (buffer is None or buffer.shape[1:] != tuple(shape[1:]) or buffer.shape[0] < shape[0]
+            or buffer.dtype != like.dtype or buffer.device != like.device):
+        rows = shape[0] if buffer is None or buffer.shape[1:] != tuple(shape[1:]) else max(shape[0], buffer.shape[0])
+        buffer = torch.empty((rows, *shape[1:]), dtype=like.dtype, device=like.device)
+        kept[name] = buffer
+    return buffer[:shape[0]]
+
+
+MLP_PARAMETERS = ("encoder.hidden.weight", "encoder.hidden.bias", "encoder.projection.weight",
+                  "encoder.projection.bias")
+
+
+def _mlp_weights(model, shared: dict, trainable: list[str], x: torch.Tensor):
+    """The MLP encoder's (hidden weight, bias, projection weight, bias) when its round is written
+    out by hand (:class:`_MLPRound`): the encoder is exactly :class:`fedtask.models.MLPEncoder`
+    with all four trainable, and the tasks' inputs are (tasks, samples, features) of its dtype.
+    Otherwise None: autograd and ``torch.func`` compute the same numbers, more slowly."""
+    if type(model.encoder) is not MLPEncoder or tuple(trainable) != MLP_PARAMETERS or x.dim() != 3:
+        return None
+    weights = [shared[name] for name in MLP_PARAMETERS]
+    return weights if all(w.dtype == x.dtype and w.device == x.device for w in weights) else None
+
+
+class _MLPRound:
+    """MLPEncoder (``projection(relu(hidden(x)))``) forward and backward written out, for all tasks at once.
+
+    The products are the ones autograd runs (``addmm`` as ``F.linear`` does, ReLU's backward at its
+    output), with the hidden activations and their gradient in scratch tensors kept across rounds
+    (:func:`_scratch`) and ReLU applied in place; ``chunk`` tasks' samples per pass keep each pass's
+    activations in cache between the product and the ReLU (or its mask).
+    """
+
+    def __init__(self, model, weights, x: torch.Tensor, chunk: int):
+        self.model, self.weights = model, weights
+        hidden_weight, hidden_bias, projection_weight, projection_bias = weights
+        self.tasks, self.samples = x.shape[:2]
+        self.inputs = x.reshape(self.tasks * self.samples, -1)
+        self.rows = max(1, chunk) * self.samples
+        self.hidden = _scratch(model, "hidden", (len(self.inputs), hidden_weight.shape[0]), hidden_weight)
+        embeddings = hidden_weight.new_empty(len(self.inputs), projection_weight.shape[0])
+        for part, h, e in zip(self.inputs.split(self.rows), self.hidden.split(self.rows), embeddings.split(self.rows)):
+            torch.addmm(hidden_bias, part, hidden_weight.t(), out=h).clamp_min_(0)
+            torch.addmm(projection_bias, h, projection_weight.t(), out=e)
+        self.embeddings = embeddings.view(self.tasks, self.samples, -1)
+
+    def _passes(self, grad_embeddings: torch.Tensor):
+        """Per pass: (its inputs, hidden activations, embeddings' gradient, gradient before the ReLU)."""
+        projection_weight = self.weights[2]
+        grad_out = grad_embeddings.reshape(len(self.inputs), -1)
+        scratch = _scratch(self.model, "grad_hidden", (min(self.rows, len(self.inputs)), self.hidden.shape[1]),
+                           self.hidden)
+        for part, h, g in zip(self.inputs.split(self.rows), self.hidden.split(self.rows), grad_out.split(self.rows)):
+            grad_hidden = torch.mm(g, projection_weight, out=scratch[:len(g)])
+            torch.ops.aten.threshold_backward.grad_input(grad_hidden, h, 0, grad_input=grad_hidden)
+            yield part, h, g, grad_hidden
+
+    def mean_gradient(self, grad_embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The encoder gradient of the summed loss whose embeddings' gradient is ``grad_embeddings``."""
+        hidden_weight, hidden_bias, projection_weight, _ = self.weights
+        grad_hidden_weight_t = hidden_weight.new_zeros(hidden_weight.shape[::-1])
+        grad_hidden_bias = torch.zeros_like(hidden_bias)
+        grad_projection_weight = torch.zeros_like(projection_weight)
+        for part, h, g, grad_hidden in self._passes(grad_embeddings):
+            grad_projection_weight.addmm_(g.t(), h)
+            grad_hidden_weight_t.addmm_(part.t(), grad_hidden)
+            grad_hidden_bias += grad_hidden.sum(0)
+        grads = (grad_hidden_weight_t.t(), grad_hidden_bias, grad_projection_weight,
+                 grad_embeddings.reshape(len(self.inputs), -1).sum(0))
+        return {name: grad.contiguous() for name, grad in zip(MLP_PARAMETERS, grads)}
+
+    def task_gradients(self, grad_embeddings: torch.Tensor) -> torch.Tensor:
+        """Each task's encoder gradient (its embeddings' gradient ``grad_embeddings[i]`` pulled back)
+        as row i of a (tasks, parameters) scratch matrix, flattened in :data:`MLP_PARAMETERS` order."""
+        out = _scratch(self.model, "updates", (self.tasks, sum(w.numel() for w in self.weights)), self.hidden)
+        start, samples = 0, self.samples
+        for part, h, g, grad_hidden in self._passes(grad_embeddings):
+            count = len(part) // samples
+            rows = out[start:start + count].split([w.numel() for w in self.weights], dim=1)
+            views = [row.view(count, *w.shape) for row, w in zip(rows, self.weights)]
+            g = g.view(count, samples, -1)
+            torch.bmm(g.transpose(1, 2), h.view(count, samples, -1), out=views[2])
+            torch.sum(g, 1, out=views[3])
+            grad_hidden = grad_hidden.view(count, samples, -1)
+            torch.bmm(grad_hidden.transpose(1, 2), part.view(count, samples, -1), out=views[0])
+            torch.sum(grad_hidden, 1, out=views[1])
+            start += count
+        return out
 
 
 class VectorizedEngine:
@@ -165,17 +314,10 @@ def train_vectorized(config, taskset: TaskSet, out_dir: Path, *, on_round: Round
             private = {name: value[index] for name, value in heads.items()}
             chunk = tasks_per_pass(config, x.shape[1], len(pids), device)
             if aggregator.needs_task_updates or warm:
-                one_task = functools.partial(task_math.local_round, model, shared, lr=fed.head_lr,
-                                             weight_decay=fed.head_weight_decay, steps=fed.head_steps,
-                                             warm_start=warm, trainable=trainable)
-
-                def batched(p, xb, yb):
-                    new_p, g, task_loss = one_task(p, xb, yb)
-                    return new_p, ({} if g is None else g), task_loss  # warm-start: no encoder gradient
-
-                new_private, grads, losses = _in_passes(vmap(batched), chunk, private, x, y)
+                new_private, updates, losses = _task_updates_round(model, shared, private, x, y, fed, trainable,
+                                                                   chunk, warm)
                 if not warm:
-                    stats = aggregator.step({k: v.cpu() for k, v in grads.items()}, server_round)
+                    stats = aggregator.step(updates.cpu(), server_round)
             else:
                 new_private, mean_grads, losses = _mean_gradient_round(model, shared, private, x, y, fed, trainable,
                                                                        chunk)

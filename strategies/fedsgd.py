@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 import torch
 
 from strategies._checks import finite, flag, integer, is_real, shown
-from strategies.dp import dp_aggregate
+from strategies.dp import clip_updates, clipped_fraction, noised_sum, update_norms
 from strategies.sampling import noise_generator
 
 
@@ -123,25 +123,51 @@ class EncoderAggregator:
         """
         return self.dp_enabled or self.normalize
 
-    def step(self, grads: Sequence[Mapping[str, torch.Tensor]] | Mapping[str, torch.Tensor],
+    def step(self, grads: Sequence[Mapping[str, torch.Tensor]] | Mapping[str, torch.Tensor] | torch.Tensor,
              server_round: int) -> dict[str, float]:
-        """Aggregate the round's task gradients (given in partition-id order) and update."""
-        updates = flatten(grads, self.names)
+        """Aggregate the round's task gradients (given in partition-id order) and update.
+
+        ``grads`` is what :func:`flatten` takes, or already its (tasks, parameters) matrix (row i
+        task i's update, in ``names`` order), which is then used as it is.
+        """
         size = sum(p.numel() for p in self.params.values())
+        if isinstance(grads, torch.Tensor):
+            if grads.dim() != 2 or grads.shape[1] != size:
+                raise ValueError(f"grads as a matrix must have shape (tasks, {size}); got {tuple(grads.shape)}")
+            updates = grads.float()
+        else:
+            updates = flatten(grads, self.names)
         if updates.numel() == 0:
             updates = torch.zeros(0, size)
-        norms = updates.norm(dim=1) if len(updates) else torch.zeros(0)
-        metrics = {"update_norm_mean": float(norms.mean()) if len(norms) else 0.0}
         if self.dp_enabled:
-            release = dp_aggregate(updates, self.clipping_norm, self.noise_multiplier, self.expected_tasks,
-                                   noise_generator(self.seed, server_round))
-            mean = release.update
-            metrics["clipped_fraction"] = release.clipped_fraction
+            mean, norms = self._dp_release(updates, server_round)
+            metrics = {"update_norm_mean": float(norms.mean()) if len(norms) else 0.0,
+                       "clipped_fraction": clipped_fraction(norms, self.clipping_norm)}
         else:
+            norms = updates.norm(dim=1) if len(updates) else torch.zeros(0)
+            metrics = {"update_norm_mean": float(norms.mean()) if len(norms) else 0.0}
             if self.normalize:
                 updates = updates / norms.clamp_min(1e-12)[:, None]
             mean = updates.mean(0) if len(updates) else torch.zeros(size)
         return {**metrics, **self._apply(mean)}
+
+    def _dp_release(self, updates: torch.Tensor, server_round: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``dp_aggregate`` of the updates, without a second (tasks, parameters) matrix: (noised mean, pre-clip norms).
+
+        The same mechanism: each row scaled by min(1, C / its norm) as ``clip_updates`` does, the
+        scaled rows summed, N(0, (zC)^2) noise added (``noised_sum``: the same draw), the sum divided
+        by the expected number of tasks. The scaled sum is one matrix-vector product, equal up to the
+        order of the float sum; ``dp_aggregate`` first writes the clipped rows to a new matrix, which
+        for a few hundred tasks costs more in fresh memory than the clipping itself.
+        """
+        norms = update_norms(updates)
+        if not bool(torch.isfinite(norms).all()):
+            clip_updates(updates, self.clipping_norm)  # raises, naming the non-finite rows
+        factors = (self.clipping_norm / norms).clamp(max=1.0)  # a zero row: C/0 = inf -> 1, stays zero
+        total = factors.to(updates.dtype) @ updates
+        noised = noised_sum(total[None], self.noise_multiplier, self.clipping_norm,
+                            noise_generator(self.seed, server_round))
+        return noised / self.expected_tasks, norms
 
     def step_mean(self, mean_grads: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """Apply an already averaged gradient (only valid when not ``needs_task_updates``)."""

@@ -7,7 +7,8 @@ is :class:`strategies.fedsgd.EncoderAggregator`; this class only moves messages.
 
 Message protocol (what the ClientApp reads): content["encoder"] is the encoder's
 ArrayRecord, content["config"] a ConfigRecord with "run-config" (the resolved run
-configuration as JSON), "server-round" and "warm-start". Replies carry
+configuration as JSON), "server-round", "warm-start" and "partition-id" (the task meant: a
+node may serve several). Replies carry
 content["metrics"] (with "partition-id") and, outside warm-start rounds,
 content["encoder-grad"], the task's encoder gradient.
 """
@@ -31,7 +32,8 @@ class FederationError(RuntimeError):
 class FedSGDStrategy(Strategy):
     def __init__(self, aggregator: EncoderAggregator, *, node_of_partition: dict[int, int], run_config_json: str,
                  tasks_per_round: int, warm_start_rounds: int, seed: int, dp_enabled: bool = False,
-                 max_failed_fraction: float = 0.0, on_round: Callable[[dict], None] | None = None):
+                 max_failed_fraction: float = 0.0, on_round: Callable[[dict], None] | None = None,
+                 first_round: int = 1):
         if not 0.0 <= max_failed_fraction <= 1.0:
             raise ValueError(f"max_failed_fraction must be in [0, 1]; got {max_failed_fraction}")
         self.aggregator = aggregator
@@ -47,6 +49,8 @@ class FedSGDStrategy(Strategy):
         self.dp_enabled = dp_enabled
         self.on_round = on_round
         self._round_started = 0.0
+        # Flower's loop counts from 1; a resumed run's rounds continue after its checkpoint
+        self.round_offset = first_round - 1
 
     def is_warm_start(self, server_round: int) -> bool:
         return server_round <= self.warm_start_rounds
@@ -58,23 +62,32 @@ class FedSGDStrategy(Strategy):
     def summary(self) -> None:  # Flower calls this at start; our progress lines say enough
         pass
 
+    _sent: tuple[tuple[Message, int], ...] = ()  # this round's train messages and their partitions
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        """One message per sampled task, naming its partition: a node may serve several tasks."""
+        server_round += self.round_offset
         self._round_started = time.perf_counter()
-        record = RecordDict({
-            "encoder": arrays,
-            "config": ConfigRecord({"run-config": self.run_config_json, "server-round": server_round,
-                                    "warm-start": self.is_warm_start(server_round)}),
-        })
         self._sampled = self.sample(server_round)
-        return [Message(content=record, message_type="train", dst_node_id=self.node_of_partition[pid])
-                for pid in self._sampled]
+        messages = [Message(content=RecordDict({
+            "encoder": arrays,  # one object, pushed once however many messages share it
+            "config": ConfigRecord({"run-config": self.run_config_json, "server-round": server_round,
+                                    "warm-start": self.is_warm_start(server_round), "partition-id": pid}),
+        }), message_type="train", dst_node_id=self.node_of_partition[pid]) for pid in self._sampled]
+        self._sent = tuple(zip(messages, self._sampled))  # the grid sets their message ids when it sends them
+        return messages
+
+    def partition_of_reply(self, reply: Message) -> int:
+        """The task a reply answers: the one its message named (a node may serve several), else its node's."""
+        sent = {m.metadata.message_id: pid for m, pid in self._sent}
+        pid = sent.get(getattr(reply.metadata, "reply_to_message_id", ""))
+        return pid if pid is not None else self.partition_of_node.get(reply.metadata.src_node_id, -1)
 
     def failed_tasks(self, replies: list[Message]) -> dict[int, str]:
         """Sampled tasks without a usable reply: the client raised, or did not answer in time."""
-        failed = {self.partition_of_node.get(m.metadata.src_node_id, -1): m.error.reason
-                  for m in replies if m.has_error()}
-        answered = {self.partition_of_node.get(m.metadata.src_node_id, -1) for m in replies}
+        failed = {self.partition_of_reply(m): m.error.reason for m in replies if m.has_error()}
+        answered = {self.partition_of_reply(m) for m in replies}
         failed.update({pid: "no reply before federation.reply_timeout" for pid in self._sampled
                        if pid not in answered})
         return dict(sorted(failed.items()))
@@ -86,6 +99,7 @@ class FedSGDStrategy(Strategy):
         expected number of tasks, so the noise and the accounting stay valid (a failed task
         contributes a zero update, which clipping allows).
         """
+        server_round += self.round_offset
         replies = list(replies)
         failed = self.failed_tasks(replies)
         if failed and len(failed) > self.max_failed_fraction * len(self._sampled):

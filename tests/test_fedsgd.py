@@ -153,5 +153,5 @@ def test_flower_strategy_takes_everything_after_the_aggregator_by_keyword():
     assert params[1].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
     assert [p.name for p in params[2:]] == ["node_of_partition", "run_config_json", "tasks_per_round",
                                             "warm_start_rounds", "seed", "dp_enabled", "max_failed_fraction",
-                                            "on_round"]
+                                            "on_round", "first_round"]
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[2:])

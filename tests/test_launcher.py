@@ -1,0 +1,212 @@
+"""The flower engine's two launchers: ``flwr run`` on a private SuperLink (flwr-run, the default)
+and ``flwr.simulation.run_simulation`` (deprecated by Flower 1.41). The relay between the
+launching process and the ServerApp is tested on a socket pair; one real run of each launcher
+shows they train the same encoder and heads, byte for byte."""
+import io
+import json
+import os
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.clientapp import ClientApp
+
+from fedtask import simulation
+from fedtask.config import ConfigError, load_config, with_overrides
+from fedtask.engines import TrainingFailed
+from fedtask.pipeline import RUNTIME_KEYS, run_training, training_fingerprint
+from fedtask.simulation import FlowerSimulationEngine, federation_config_args
+
+TINY = ["data.num_in_tasks=6", "data.num_out_tasks=2", "federation.tasks_per_round=3", "federation.rounds=4",
+        "federation.warm_start_rounds=1", "model.hidden_dim=32", 'federation.server_optimizer="sgd"',
+        'federation.engine="flower"']
+
+named_app = ClientApp()  # a ClientApp a module holds: flwr-run can name it
+
+
+def tiny(*extra):
+    return load_config("configs/synthetic.toml", TINY + list(extra))
+
+
+def test_launcher_is_a_checked_runtime_key():
+    assert tiny().federation.launcher == "flwr-run"
+    with pytest.raises(ConfigError, match=r"^federation\.launcher: must be 'flwr-run' or 'run_simulation'"):
+        tiny('federation.launcher="flwr"')
+    assert "launcher" in RUNTIME_KEYS  # how the run is launched, not what it trains
+    assert training_fingerprint(tiny()) == training_fingerprint(tiny('federation.launcher="run_simulation"'))
+
+
+def test_federation_config_carries_the_same_resources():
+    cpus = os.cpu_count() or 1
+    args = federation_config_args(tiny())
+    assert f"num-supernodes=6" in args and "client-resources-num-cpus=1 " in args
+    assert f"init-args-num-cpus={cpus}" in args and "init-args-log-to-driver=false" in args
+    # Flower's simulation config takes whole CPUs: half a CPU per client packs as many clients at once
+    half = federation_config_args(tiny("federation.num_cpus_per_client=0.5"))
+    assert "client-resources-num-cpus=1 " in half and f"init-args-num-cpus={2 * cpus}" in half
+    cluster = federation_config_args(tiny('federation.ray_address="127.0.0.1:6379"'))
+    assert "init-args-num-cpus" not in cluster  # the cluster's nodes bring their own
+
+
+def test_check_refuses_what_flwr_run_cannot_launch():
+    engine = FlowerSimulationEngine()
+    with pytest.raises(ConfigError, match=r"^federation\.num_cpus_per_client: 0\.5: flwr run gives each client whole"):
+        engine.check(tiny("federation.num_cpus_per_client=0.5", 'federation.ray_address="127.0.0.1:6379"'))
+    unnamed = FlowerSimulationEngine(client_app=ClientApp())  # held by no module: cannot be loaded by name
+    with pytest.raises(ConfigError, match=r"^federation\.launcher: 'flwr-run' loads the ClientApp by module"):
+        unnamed.check(tiny())
+    unnamed.check(tiny('federation.launcher="run_simulation"'))  # the in-process launcher takes it as it is
+    assert simulation.app_reference(named_app) == f"{__name__}:named_app"
+    assert simulation.app_reference(FlowerSimulationEngine().client_app) == "fedtask.client_app:app"
+
+
+def test_flower_log_passes_warnings_and_errors_but_not_flower_chatter(capsys):
+    lines = ["\x1b[92mINFO \x1b[0m:      Starting Flower Simulation",
+             "\x1b[93mWARNING \x1b[0m:   Since flwr 1.32, default simulated SuperNodes changed from 10 to 2.",
+             "Successfully started run 123", "Using SuperLink: fedtask (127.0.0.1:1)",
+             "\x1b[93mWARNING \x1b[0m:   DEPRECATED FEATURE: something Flower will remove",
+             "(ClientAppActor pid=7) ERROR :     a client raised", "Traceback (most recent call last):"]
+    log = simulation._FlowerLog(io.BytesIO("\n".join(lines).encode() + b"\n"))
+    log.join()
+    shown = capsys.readouterr().err.splitlines()
+    assert shown == ["WARNING :   DEPRECATED FEATURE: something Flower will remove",
+                     "(ClientAppActor pid=7) ERROR :     a client raised", "Traceback (most recent call last):"]
+    assert log.last_error() == "ERROR :     a client raised"
+
+
+class _Alive:
+    """A stand-in for the ``flwr run`` process: running until the test says otherwise."""
+
+    def __init__(self):
+        self.ended = False
+
+    def poll(self):
+        return 0 if self.ended else None
+
+
+def _fake_serverapp(sock, rounds, *, fail=None):
+    """The ServerApp's side of the relay, without Flower: what ``simulation._relayed`` sends."""
+    job, _ = simulation._recv(sock)
+    assert job["type"] == "job" and job["hooked"]
+    state = {"w": torch.arange(3, dtype=torch.float32)}
+    for server_round in range(1, rounds + 1):
+        state = {"w": state["w"] + 1}
+        simulation._send(sock, {"type": "round", "round": server_round,
+                                "row": {"round": server_round, "loss": 0.5, "tasks": [0, 1]}})
+        while True:
+            answer, _ = simulation._recv(sock)
+            if answer["type"] == "encoder":
+                simulation._send(sock, {"type": "state"}, [simulation._state_bytes(state)])
+            elif answer["type"] == "continue":
+                break
+            else:
+                return "stopped"
+    if fail:
+        simulation._send(sock, {"type": "failed", "message": fail})
+        return "failed"
+    simulation._send(sock, {"type": "done", "rounds": [{"round": r, "loss": 0.5, "tasks": [0, 1]}
+                                                       for r in range(1, rounds + 1)],
+                            "evaluation": [{"partition-id": 0, "accuracy": 1.0}], "heads_dir": job["out_dir"]},
+                     [simulation._state_bytes({"w": torch.zeros(3)}), simulation._state_bytes(state)])
+    return "done"
+
+
+def _relay(tmp_path, hook, **fake):
+    ours, theirs = socket.socketpair()
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(side=_fake_serverapp(theirs, 3, **fake)))
+    thread.start()
+    config = tiny()
+    from fedtask.data.base import TaskSpec
+
+    spec = TaskSpec(num_classes=2, input_kind="vector", input_shape=(16,))
+    try:
+        return simulation._serve(ours, config, spec, tmp_path, hook, {}, _Alive(),
+                                 simulation._FlowerLog(io.BytesIO(b""))), result
+    finally:
+        thread.join(10)
+        ours.close()
+        theirs.close()
+        result.setdefault("side", None)
+
+
+def test_the_relay_runs_the_hook_every_round_and_returns_the_outcome(tmp_path):
+    seen = []
+
+    def hook(server_round, encoder, row):
+        row["seen"] = True  # what a hook adds to a row stays in the outcome's rows
+        if server_round == 2:  # read only when wanted: fetched from the ServerApp on first use
+            seen.append((server_round, dict(encoder)))
+
+    outcome, result = _relay(tmp_path, hook)
+    assert result["side"] == "done"
+    assert [r for r, _ in seen] == [2] and torch.equal(seen[0][1]["w"], torch.tensor([2.0, 3.0, 4.0]))
+    assert torch.equal(outcome.encoder["w"], torch.tensor([3.0, 4.0, 5.0]))
+    assert [row["round"] for row in outcome.rounds] == [1, 2, 3] and all(row["seen"] for row in outcome.rounds)
+    assert outcome.heads_dir == Path(tmp_path)
+
+
+def test_a_hook_that_raises_stops_the_serverapp(tmp_path):
+    def hook(server_round, encoder, row):
+        if server_round == 2:
+            raise TrainingFailed("training diverged at round 2")
+
+    with pytest.raises(TrainingFailed, match="diverged at round 2"):
+        _relay(tmp_path, hook)
+
+
+def test_a_training_failure_in_the_serverapp_is_raised_here(tmp_path):
+    with pytest.raises(TrainingFailed, match="^round 3: 2 of 3 sampled tasks failed$"):
+        _relay(tmp_path, lambda *args: None, fail="round 3: 2 of 3 sampled tasks failed")
+
+
+def test_frames_carry_json_and_bytes():
+    a, b = socket.socketpair()
+    with a, b:
+        simulation._send(a, {"type": "x", "value": float("nan"), "n": torch.tensor(3)}, [b"abc", b""])
+        header, blobs = simulation._recv(b)
+    assert header["type"] == "x" and header["n"] == 3 and header["value"] != header["value"]
+    assert blobs == [b"abc", b""]
+
+
+@pytest.mark.simulation
+def test_both_launchers_train_the_same_bytes(tmp_path):
+    """The supported launcher changes nothing that is trained: same encoder, heads and round log."""
+    runs = {}
+    for launcher in ("flwr-run", "run_simulation"):
+        out = tmp_path / launcher
+        run_training(with_overrides(tiny(), {"federation.launcher": launcher}), out, on_round=None)
+        runs[launcher] = out
+    a, b = runs["flwr-run"], runs["run_simulation"]
+    files = sorted(p.relative_to(a) for p in a.rglob("*.safetensors"))
+    assert len(files) == 8  # two encoders, six heads
+    for name in files:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+    def log(run):
+        rows = json.loads((run / "metrics.json").read_text())["rounds"]
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+    assert log(a) == log(b)
+
+
+def _table_rows(text: str) -> list[list[str]]:
+    return [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("|") and not set(line) <= set("|-: ")]
+
+
+def test_readme_launcher_table_is_the_committed_bench_file():
+    """README's launcher table is a copy of docs/bench_launchers.md, which bench.format_launchers wrote
+    from docs/bench_launchers.json (python -m fedtask.bench --launchers --out docs)."""
+    from fedtask.bench import format_launchers
+
+    root = Path(__file__).resolve().parents[1]
+    doc = (root / "docs" / "bench_launchers.md").read_text()
+    assert doc == format_launchers(json.loads((root / "docs" / "bench_launchers.json").read_text()))
+    readme = _table_rows((root / "README.md").read_text())
+    rows = _table_rows(doc)
+    assert len(rows) == 5  # the header, then 2 sizes x 2 launchers
+    for row in rows:
+        assert row in readme, row
