@@ -41,7 +41,7 @@ def test_launcher_is_a_checked_runtime_key():
 def test_federation_config_carries_the_same_resources():
     cpus = os.cpu_count() or 1
     args = federation_config_args(tiny())
-    assert f"num-supernodes=6" in args and "client-resources-num-cpus=1 " in args
+    assert "num-supernodes=6" in args and "client-resources-num-cpus=1 " in args
     assert f"init-args-num-cpus={cpus}" in args and "init-args-log-to-driver=false" in args
     # Flower's simulation config takes whole CPUs: half a CPU per client packs as many clients at once
     half = federation_config_args(tiny("federation.num_cpus_per_client=0.5"))
