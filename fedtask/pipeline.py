@@ -206,7 +206,7 @@ def run_training(config: Config, out_dir: Path, *, engine: Engine | None = None,
     return results
 
 
-RESUMABLE_KEYS = ("federation.device", "federation.checkpoint_every", "federation.tensorboard",
+RESUMABLE_KEYS = ("federation.device", "federation.launcher", "federation.checkpoint_every", "federation.tensorboard",
                   "federation.reply_timeout", "federation.ray_address", "federation.num_cpus_per_client",
                   "federation.num_gpus_per_client", "federation.max_failed_fraction")
 
