@@ -379,10 +379,16 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """Loopback ports nothing listens on now (all bound at once, so they differ)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 # ``flwr run``, started beside the SuperLink: the command's entry point (what the ``flwr`` script
@@ -408,7 +414,7 @@ sys.exit(app())
 def _start(tmp: Path, env: dict, run_args: list[str], processes: list, clock, marks: dict):
     """A SuperLink in simulation mode on a free loopback port, and ``flwr run`` against it."""
     for _ in range(3):  # a port taken between choosing and binding it: try another
-        port = _free_port()
+        port, = free_ports(1)
         (tmp / "home" / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "127.0.0.1:{port}"\ninsecure = true\n')
@@ -499,7 +505,7 @@ def _stop(processes: list[subprocess.Popen]) -> None:
             pass
     deadline = time.monotonic() + STOP_GRACE
     while everything and time.monotonic() < deadline:  # gone, or a zombie (killed; whoever adopted it reaps it)
-        everything = [proc for proc in everything if _running(proc)]
+        everything = [proc for proc in everything if is_running(proc)]
         time.sleep(0.05)
     for process in processes:
         try:
@@ -508,7 +514,7 @@ def _stop(processes: list[subprocess.Popen]) -> None:
             pass
 
 
-def _running(proc) -> bool:
+def is_running(proc) -> bool:
     import psutil
 
     try:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from fedtask.config import load_config
 from fedtask.pipeline import run_training
+from fedtask.simulation import free_ports
 
 pytestmark = pytest.mark.simulation
 
@@ -35,18 +36,6 @@ OVERRIDES = [
     "attack.k_strong=4", "attack.k_weak=4",
 ]
 RUN_TIMEOUT = 600  # seconds for the whole `flwr run`: on a 2-core CPU it takes about two minutes
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports nothing listens on now (all bound at once, so they differ)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def descendants(pid: int) -> list[int]:

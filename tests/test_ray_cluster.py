@@ -9,7 +9,6 @@ machine: other tests' and other users' included.
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,23 +20,13 @@ from safetensors.torch import load_file
 
 from fedtask.config import load_config
 from fedtask.pipeline import run_training
+from fedtask.simulation import free_ports, is_running
 
 pytestmark = pytest.mark.simulation
 
 TINY = ["data.num_in_tasks=4", "data.num_out_tasks=2", "federation.tasks_per_round=2", "federation.rounds=4",
         "federation.warm_start_rounds=1", "model.hidden_dim=32", 'federation.server_optimizer="sgd"']
 START_TIMEOUT = 120.0
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def ray_command() -> str:
@@ -63,7 +52,7 @@ def stop_cluster(head: subprocess.Popen) -> None:
                 pass
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            tree = [p for p in tree if _alive(p)]
+            tree = [p for p in tree if is_running(p)]
             if not tree:
                 break
             time.sleep(0.1)
@@ -71,15 +60,6 @@ def stop_cluster(head: subprocess.Popen) -> None:
         head.wait(timeout=5)
     except subprocess.TimeoutExpired:
         pass
-
-
-def _alive(proc) -> bool:
-    import psutil
-
-    try:
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 @pytest.fixture
