@@ -29,7 +29,7 @@ from fedtask import rundir
 from fedtask.config import from_dict, load_config, with_overrides
 from fedtask.data import load_tasks
 from fedtask.models import build_model, initial_private_state
-from fedtask.pipeline import run_training
+from fedtask.pipeline import RunHook, run_training
 from fedtask.vectorized import engine_device
 from strategies.sampling import sample_fixed
 
@@ -214,11 +214,15 @@ class _TimedEngine:
         started = time.perf_counter()
         hooks: list[float] = []
 
-        def hook(server_round, encoder, row):
-            hooks.append(time.perf_counter() - started)
-            if on_round:
-                on_round(server_round, encoder, row)
+        caller = on_round.caller if isinstance(on_round, RunHook) else on_round
 
+        def timer(server_round, encoder, row):
+            hooks.append(time.perf_counter() - started)
+            if caller:
+                caller(server_round, encoder, row)
+
+        # the run's own per-round work stays where the engine runs it (the ServerApp, under flwr-run)
+        hook = on_round.with_caller(timer) if isinstance(on_round, RunHook) else timer
         outcome = self.engine.train(config, taskset, out_dir, on_round=hook, **extra)
         self.marks = {"hooks_s": hooks, "total_s": time.perf_counter() - started, **self.engine.timings}
         return outcome

@@ -161,7 +161,7 @@ def run_training(config: Config, out_dir: Path, *, engine: Engine | None = None,
     else:
         run, checkpoint = rundir.RunDirectory(out_dir), None
         rundir.write_text(run.work / rundir.CONFIG, to_toml(config))  # what --resume reads back
-    on_round = progress.training_hook(config, run.work, on_round)  # run.log, TensorBoard, then the bar
+    hook = RunHook(config, run.work, on_round)  # opens run.log: everything from here on goes there too
     log(f"training: {config.data.name} ({config.data.num_in_tasks} IN tasks), "
         f"{fed.rounds} rounds ({fed.warm_start_rounds} warm-start), {fed.tasks_per_round} tasks/round, "
         f"engine={fed.engine}" + (f", DP z={config.dp.noise_multiplier:.4g}" if config.dp.enabled else "")
@@ -169,13 +169,6 @@ def run_training(config: Config, out_dir: Path, *, engine: Engine | None = None,
     started = time.perf_counter()
     earlier_s = checkpoint.elapsed_s if checkpoint else 0.0
     try:
-        hook = on_round
-        if fed.snapshot_every:  # composed only when asked for: no cost otherwise
-            from fedtask.trajectory import snapshot_hook
-
-            hook = snapshot_hook(on_round, run_dir=run.work, every=fed.snapshot_every,
-                                 metadata={"encoder": config.model.encoder,
-                                           "embedding_dim": str(config.model.embedding_dim)})
         extra = {}  # only when used, so an engine without checkpoint support still trains
         if fed.checkpoint_every:
             from fedtask.checkpoint import Checkpointing
@@ -185,7 +178,7 @@ def run_training(config: Config, out_dir: Path, *, engine: Engine | None = None,
                                                  earlier_s=earlier_s)
         if checkpoint:
             extra["resume"] = checkpoint
-        outcome = engine.train(config, taskset, run.work, on_round=divergence_guard(hook), **extra)
+        outcome = engine.train(config, taskset, run.work, on_round=hook, **extra)
         seconds = earlier_s + time.perf_counter() - started
         results = write_training(config, run.work, outcome, seconds=seconds, majority=majority_baseline(taskset))
         from fedtask.checkpoint import remove_checkpoints
@@ -269,6 +262,44 @@ def checkpoint_to_resume(work: Path, config: Config):
 
 class TrainingDiverged(TrainingFailed):
     """Training produced a non-finite loss or update; the message names the round and what to change."""
+
+
+class RunHook:
+    """The per-round hook ``run_training`` hands its engine: the run's own work (the divergence
+    guard, snapshots every ``federation.snapshot_every`` rounds, the round's line in ``run.log``,
+    TensorBoard), then ``caller`` (``run_training``'s ``on_round``; the training bar by default).
+
+    It is data (``config``, ``run_dir``, ``caller``) as well as a callable, so an engine whose
+    server runs in another process (the ``flwr-run`` launcher) rebuilds the run's own part there
+    with ``RunHook(config, run_dir, None)``, where the encoder is, and calls only ``caller`` here."""
+
+    def __init__(self, config: Config, run_dir: Path, caller: RoundHook | None = progress.DEFAULT):
+        self.config, self.run_dir = config, Path(run_dir)
+        self.caller = progress.caller_hook(config, caller)
+        progress.open_log(self.run_dir / progress.LOG_NAME)
+        self._own: RoundHook | None = None  # built at the first round: a TensorBoard writer only where rounds run
+
+    def own(self) -> RoundHook:
+        if self._own is None:
+            fed = self.config.federation
+            hook = progress.training_hook(self.config, self.run_dir, None)
+            if fed.snapshot_every:  # composed only when asked for: no cost otherwise
+                from fedtask.trajectory import snapshot_hook
+
+                hook = snapshot_hook(hook, run_dir=self.run_dir, every=fed.snapshot_every,
+                                     metadata={"encoder": self.config.model.encoder,
+                                               "embedding_dim": str(self.config.model.embedding_dim)})
+            self._own = divergence_guard(hook)
+        return self._own
+
+    def with_caller(self, caller: RoundHook | None) -> "RunHook":
+        """The same run's hook with another caller (a bench's timer around this one's)."""
+        return RunHook(self.config, self.run_dir, caller)
+
+    def __call__(self, server_round: int, encoder, row: dict) -> None:
+        self.own()(server_round, encoder, row)
+        if self.caller is not None:
+            self.caller(server_round, encoder, row)
 
 
 def divergence_guard(on_round: RoundHook | None) -> RoundHook:

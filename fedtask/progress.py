@@ -318,21 +318,27 @@ class TrainingProgress:
         self.progress.update(server_round, line=round_line(server_round, row, self.rounds), postfix=postfix)
 
 
+def caller_hook(config, on_round=DEFAULT):
+    """What ``on_round`` means for a run of ``config``: :data:`DEFAULT` is the training bar (or
+    lines), ``None`` nothing, any other callable itself."""
+    if on_round is DEFAULT:
+        return TrainingProgress(config.federation.rounds)
+    return on_round
+
+
 def training_hook(config, work_dir: Path, on_round=DEFAULT):
     """The per-round hook ``run_training`` trains with: every round's line to ``work_dir/run.log``
     (opened now, so that everything logged from here on goes there too), TensorBoard scalars when
-    ``federation.tensorboard`` is on, then ``on_round``: :data:`DEFAULT` is the training bar
-    (or lines), ``None`` nothing more, any other callable is called as it is."""
+    ``federation.tensorboard`` is on, then ``on_round`` (:func:`caller_hook`)."""
     work_dir = Path(work_dir)
     open_log(work_dir / LOG_NAME)
     rounds = config.federation.rounds
     hooks = []
     if config.federation.tensorboard:
         hooks.append(TensorBoardHook(config, work_dir / TENSORBOARD_DIR))
-    if on_round is DEFAULT:
-        hooks.append(TrainingProgress(rounds))
-    elif on_round is not None:
-        hooks.append(on_round)
+    caller = caller_hook(config, on_round)
+    if caller is not None:
+        hooks.append(caller)
 
     def hook(server_round: int, encoder, row: dict) -> None:
         _to_files(round_line(server_round, row, rounds))

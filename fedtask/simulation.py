@@ -7,39 +7,37 @@ Two launchers, ``federation.launcher``:
 (``flower-superlink --simulation``, on a free loopback port, with its own ``FLWR_HOME`` in a
 temporary directory) and ``flwr run`` of a generated one-file Flower App whose components
 are this package's, so what runs is this checkout's code, not a copy. Flower's runtime starts
-``flwr-simulation``, which runs :data:`relay_app` (the ServerApp) and the ClientApps on Ray.
-The ServerApp dials back to this process on loopback (with a random token), receives the
-resolved configuration, the task spec and the run directory, trains with
-:func:`fedtask.federation.run_federation`, relays every round to this process's round hook
-(progress, divergence guard, snapshots: the hook's answer continues or stops the run) and
-sends the outcome back. So checks, run directory, outputs and exit status stay
-:func:`fedtask.pipeline.run_training`'s, as with the other launcher. The SuperLink and
-everything under it (flwr-simulation, Ray) stop when training ends, fails or is interrupted.
+``flwr-simulation``, which runs :data:`job_app` (the ServerApp) and the ClientApps on Ray.
+The only channel between this process and the ServerApp is a job directory: this process
+writes the resolved configuration, the task spec and the run directory there (after every
+check has passed here); the ServerApp trains with :func:`fedtask.federation.run_federation`,
+runs the run's own per-round work where the encoder is (:class:`fedtask.pipeline.RunHook`:
+divergence guard, snapshots, ``run.log``, TensorBoard, checkpoints), appends each round's row
+to ``rounds.jsonl``, and writes the outcome (encoders, round log, evaluation) or the failure
+there. This process follows ``rounds.jsonl`` for the caller's hook (the progress bar; a hook
+that raises, e.g. Ctrl-C, stops the run) and reads the outcome back, so checks, run
+directory, outputs and exit status stay :func:`fedtask.pipeline.run_training`'s. The
+SuperLink and everything under it (flwr-simulation, Ray) stop when training ends, fails or is
+interrupted.
 
 ``"run_simulation"``: :func:`flwr.simulation.run_simulation` in this process, which Flower
 1.41 deprecates; its deprecation notice is shown.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import re
-import secrets
-import select
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import traceback
 from collections import deque
-from collections.abc import Mapping
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -54,9 +52,13 @@ from fedtask.engines import RoundHook, TrainingFailed, TrainingOutcome
 from fedtask.federation import run_federation
 
 LAUNCHERS = ("flwr-run", "run_simulation")
-RELAY_APP = "fedtask.simulation:relay_app"  # the ServerApp flwr-simulation runs for the flwr-run launcher
+JOB_APP = "fedtask.simulation:job_app"  # the ServerApp flwr-simulation runs for the flwr-run launcher
+# the job directory, the only channel between run_with_flwr and job_app
+JOB, STARTED, ROUNDS, OUTCOME, FAILURE = "job.json", "started", "rounds.jsonl", "outcome.json", "failure.json"
+INITIAL_ENCODER, FINAL_ENCODER = "encoder_init.safetensors", "encoder.safetensors"
+POLL_S = 0.05  # how often this process looks at the job directory
 CONNECTION = "fedtask"  # the SuperLink connection's name in the private FLWR_HOME
-STARTUP_TIMEOUT = 300.0  # seconds for the SuperLink, then the ServerApp, to come up
+STARTUP_TIMEOUT = 300.0  # seconds for the SuperLink to come up
 STOP_GRACE = 5.0  # seconds to wait for what the launcher started to be gone
 
 
@@ -182,91 +184,125 @@ def run_with_flwr(config, spec, out_dir: Path, *, on_round: RoundHook | None, cl
     """Train through ``flwr run`` on a private local SuperLink; see the module's docstring.
 
     ``timings`` (the bench's) receives wall-clock marks from the start of this call:
-    ``submitted_s`` (``flwr run`` has started the run), ``serverapp_s`` (the ServerApp called back)."""
+    ``submitted_s`` (``flwr run`` has started the run), ``serverapp_s`` (the ServerApp has begun)."""
+    from fedtask.pipeline import RunHook
+
     started = time.perf_counter()
     marks = timings if timings is not None else {}
     marks.clear()
-    with tempfile.TemporaryDirectory(prefix="fedtask-flwr-") as tmp, \
-            socket.create_server(("127.0.0.1", 0)) as listener:
+    with tempfile.TemporaryDirectory(prefix="fedtask-flwr-") as tmp:
         tmp = Path(tmp)
-        token = secrets.token_hex(16)
+        run_hook = on_round if isinstance(on_round, RunHook) else None
+        job = write_job(tmp / "job", config, spec, Path(out_dir).resolve(), run_hook=run_hook, extra=extra or {})
         app_dir = _write_app(tmp / "app", client_app)
         env = _launch_env(config, tmp / "home")
-        run_args = ["run", str(app_dir), CONNECTION, "--stream",
-                    "--run-config", f"relay='127.0.0.1:{listener.getsockname()[1]}' token='{token}'",
+        run_args = ["run", str(app_dir), CONNECTION, "--stream", "--run-config", f"job='{job}'",
                     "--federation-config", federation_config_args(config)]
         processes: list[subprocess.Popen] = []
+        clock = lambda: time.perf_counter() - started  # noqa: E731
         try:
-            cli, log = _start(tmp, env, run_args, processes, lambda: time.perf_counter() - started, marks)
-            sock = _accept(listener, token, cli, log)
-            marks["serverapp_s"] = time.perf_counter() - started
-            with sock:
-                return _serve(sock, config, spec, Path(out_dir).resolve(), on_round, extra or {}, cli, log)
+            cli, log = _start(tmp, env, run_args, processes, clock, marks)
+            caller = run_hook.caller if run_hook is not None else on_round
+            _follow(job, caller, cli, log, clock, marks)
+            return read_outcome(job, log)
         finally:
             _stop(processes)
 
 
-def _serve(sock: socket.socket, config, spec, out_dir: Path, on_round: RoundHook | None, extra: dict,
-           cli: subprocess.Popen, log: "_FlowerLog") -> TrainingOutcome:
-    """Hand the ServerApp its job, run the round hook on what it relays, take back the outcome."""
-    _send(sock, {"type": "job", "config": config.to_dict(), "spec": dataclasses.asdict(spec),
-                 "out_dir": str(out_dir), "hooked": on_round is not None, "extra": _extra_to_json(extra)})
-    relayed: dict[int, dict] = {}  # round -> the row the hook saw (a hook may add to it)
+def write_job(job: Path, config, spec, out_dir: Path, *, run_hook, extra: dict) -> Path:
+    """The job directory :data:`job_app` trains from (``job.json``: plain values only)."""
+    from dataclasses import asdict
+
+    job.mkdir(parents=True)
+    (job / JOB).write_text(json.dumps({
+        "config": config.to_dict(), "spec": asdict(spec), "out_dir": str(out_dir),
+        "run_dir": str(run_hook.run_dir.resolve()) if run_hook is not None else None,
+        "extra": _extra_to_json(extra), "launcher": _this_process()}))
+    return job
+
+
+def _this_process() -> dict:
+    import psutil
+
+    return {"pid": os.getpid(), "started": psutil.Process().create_time()}
+
+
+def _alive(process: dict) -> bool:
+    """The launching process is still there (the same one: a pid can be reused)."""
+    import psutil
+
+    try:
+        return psutil.Process(process["pid"]).create_time() == process["started"]
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _follow(job: Path, caller: RoundHook | None, cli: subprocess.Popen, log: "_FlowerLog", clock,
+            marks: dict) -> None:
+    """Call ``caller`` on each round the ServerApp appends, until it writes its outcome or failure,
+    or the run ends. The encoder stays in the ServerApp: a caller that reads it is told so."""
+    rounds = _RoundsFile(job / ROUNDS)
     while True:
-        header, blobs = _recv_or_fail(sock, cli, log)
-        kind = header["type"]
-        if kind == "round":
-            row = header["row"]
-            relayed[header["round"]] = row
-            encoder = _RelayedEncoder(sock, header["round"])
-            try:
-                on_round(header["round"], encoder, row)
-            except BaseException:
-                _send(sock, {"type": "stop"})
-                raise
-            finally:
-                encoder.expire()
-            _send(sock, {"type": "continue"})
-        elif kind == "done":
-            from safetensors.torch import load
-
-            rounds = [relayed.get(row["round"], row) for row in header["rounds"]]
-            return TrainingOutcome(initial_encoder=load(blobs[0]), encoder=load(blobs[1]), rounds=rounds,
-                                   evaluation=header["evaluation"], heads_dir=Path(header["heads_dir"]))
-        elif kind == "failed":
-            raise TrainingFailed(header["message"])
-        else:
-            raise RuntimeError(f"the Flower ServerApp failed: {header.get('message')}\n{header.get('traceback', '')}")
+        if "serverapp_s" not in marks and (job / STARTED).exists():
+            marks["serverapp_s"] = clock()
+        finished = (job / OUTCOME).exists() or (job / FAILURE).exists() or cli.poll() is not None
+        for server_round, row in rounds.new_rows():  # after the check: a finished run's rows are all there
+            if caller is not None:
+                caller(server_round, _ENCODER_ELSEWHERE, row)
+        if finished:
+            return
+        time.sleep(POLL_S)
 
 
-class _RelayedEncoder(Mapping):
-    """The round's encoder as the hook sees it: fetched from the ServerApp only if the hook reads it."""
+class _RoundsFile:
+    """``rounds.jsonl`` as the ServerApp appends it: the complete lines not read yet."""
 
-    def __init__(self, sock: socket.socket, server_round: int):
-        self._sock, self._round, self._state, self._expired = sock, server_round, None, False
+    def __init__(self, path: Path):
+        self.path, self.offset, self.partial = path, 0, b""
 
-    def _load(self) -> dict:
-        if self._state is None:
-            if self._expired:
-                raise RuntimeError(f"the encoder of round {self._round} can be read only while its round hook runs")
-            from safetensors.torch import load
+    def new_rows(self) -> list[tuple[int, dict]]:
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(self.offset)
+                data = handle.read()
+        except FileNotFoundError:
+            return []
+        self.offset += len(data)
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()  # a line still being written
+        return [(entry["round"], entry["row"]) for entry in map(json.loads, filter(None, lines))]
 
-            _send(self._sock, {"type": "encoder"})
-            _, blobs = _recv(self._sock)
-            self._state = load(blobs[0])
-        return self._state
 
-    def expire(self) -> None:
-        self._expired = True
+class _EncoderElsewhere(dict):
+    """The encoder argument of a caller's hook under flwr-run: the encoder is in the ServerApp."""
 
-    def __getitem__(self, key):
-        return self._load()[key]
+    def _refuse(self, *args, **kwargs):
+        raise RuntimeError("under federation.launcher = \"flwr-run\" a round's encoder stays in the ServerApp "
+                           "(run.py writes snapshots with federation.snapshot_every); a hook that reads it needs "
+                           "federation.launcher = \"run_simulation\"")
 
-    def __iter__(self):
-        return iter(self._load())
+    __getitem__ = __iter__ = __len__ = keys = values = items = get = _refuse
 
-    def __len__(self) -> int:
-        return len(self._load())
+
+_ENCODER_ELSEWHERE = _EncoderElsewhere()
+
+
+def read_outcome(job: Path, log: "_FlowerLog") -> TrainingOutcome:
+    """What the ServerApp wrote: its outcome, or the failure it raises here."""
+    if (job / FAILURE).exists():
+        failure = json.loads((job / FAILURE).read_text())
+        if failure["kind"] == "failed":
+            raise TrainingFailed(failure["message"])
+        raise RuntimeError(f"the Flower ServerApp failed: {failure['message']}\n{failure['traceback']}")
+    if not (job / OUTCOME).exists():
+        log.join(timeout=5.0)
+        raise TrainingFailed(f"the Flower run ended without a result ({log.last_error()})")
+    from safetensors.torch import load_file
+
+    outcome = json.loads((job / OUTCOME).read_text())
+    return TrainingOutcome(initial_encoder=load_file(str(job / INITIAL_ENCODER)),
+                           encoder=load_file(str(job / FINAL_ENCODER)), rounds=outcome["rounds"],
+                           evaluation=outcome["evaluation"], heads_dir=Path(outcome["heads_dir"]))
 
 
 def _extra_to_json(extra: dict) -> dict:
@@ -346,12 +382,11 @@ dependencies = []
 publisher = "fedtask"
 
 [tool.flwr.app.components]
-serverapp = "{RELAY_APP}"
+serverapp = "{JOB_APP}"
 clientapp = "{client_app}"
 
 [tool.flwr.app.config]
-relay = ""
-token = ""
+job = ""
 """)
     return app_dir
 
@@ -441,48 +476,6 @@ def _start(tmp: Path, env: dict, run_args: list[str], processes: list, clock, ma
                          f"{tmp / 'superlink.log'}); federation.launcher = \"run_simulation\" runs without it")
 
 
-def _accept(listener: socket.socket, token: str, cli: subprocess.Popen, log: "_FlowerLog") -> socket.socket:
-    """The ServerApp's call back (with the token), or why it will not come."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    listener.settimeout(0.2)
-    while time.monotonic() < deadline:
-        if cli.poll() is not None:
-            log.join()
-            raise TrainingFailed(f"the Flower run ended before its ServerApp started ({log.last_error()})")
-        try:
-            sock, _ = listener.accept()
-        except TimeoutError:
-            continue
-        sock.settimeout(30.0)
-        try:
-            header, _ = _recv(sock)
-        except (OSError, ValueError):
-            sock.close()
-            continue
-        if isinstance(header, dict) and secrets.compare_digest(str(header.get("token", "")), token):
-            sock.settimeout(None)
-            return sock
-        sock.close()  # not ours
-    raise TrainingFailed(f"the Flower ServerApp did not start within {STARTUP_TIMEOUT:.0f} s")
-
-
-def _recv_or_fail(sock: socket.socket, cli: subprocess.Popen, log: "_FlowerLog"):
-    """The ServerApp's next message; a ServerApp that is gone ends the run (exit status 1)."""
-    while True:
-        readable, _, _ = select.select([sock], [], [], 0.5)
-        if readable:
-            try:
-                return _recv(sock)
-            except (OSError, ValueError):
-                break
-        if cli.poll() is not None:  # the run ended: whatever the ServerApp sent is read by now
-            readable, _, _ = select.select([sock], [], [], 0.5)
-            if not readable:
-                break
-    log.join(timeout=5.0)
-    raise TrainingFailed(f"the Flower run ended without a result ({log.last_error()})")
-
-
 def _stop(processes: list[subprocess.Popen]) -> None:
     """Stop the SuperLink, flwr run and everything below them (flwr-simulation, Ray), and only those.
 
@@ -562,36 +555,6 @@ class _FlowerLog:
         return "see the log above"
 
 
-# ---------------------------------------------------------------------------------------------
-# the wire: one frame = 8-byte length, a JSON header, then the binary blobs it lists
-
-
-def _send(sock: socket.socket, header: dict, blobs: tuple[bytes, ...] | list[bytes] = ()) -> None:
-    data = json.dumps({**header, "blobs": [len(b) for b in blobs]}, default=_plain).encode()
-    sock.sendall(struct.pack("!Q", len(data)) + data)
-    for blob in blobs:
-        sock.sendall(blob)
-
-
-def _recv(sock: socket.socket) -> tuple[dict, list[bytes]]:
-    (size,) = struct.unpack("!Q", _exactly(sock, 8))
-    if size > 1 << 30:
-        raise ValueError("frame too large")
-    header = json.loads(_exactly(sock, size))
-    return header, [_exactly(sock, n) for n in header.pop("blobs", [])]
-
-
-def _exactly(sock: socket.socket, size: int) -> bytes:
-    chunks, left = [], size
-    while left:
-        chunk = sock.recv(min(left, 1 << 20))
-        if not chunk:
-            raise ConnectionError("the other side closed the connection")
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
-
-
 def _plain(value):
     """numpy / torch scalars in a round's row, as JSON numbers."""
     if hasattr(value, "item"):
@@ -601,59 +564,65 @@ def _plain(value):
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def _state_bytes(state) -> bytes:
-    from safetensors.torch import save
-
-    return save({k: v.detach().cpu().contiguous() for k, v in state.items()})
+def _write_json(path: Path, value) -> None:
+    """Written whole or not at all: the launching process takes a file's existence as its content's."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(value, default=_plain))
+    os.replace(partial, path)
 
 
 # ---------------------------------------------------------------------------------------------
 # the flwr-run launcher: the ServerApp's side, in flwr-simulation
 
-relay_app = ServerApp()
+job_app = ServerApp()
 
 
-class _Stopped(BaseException):
-    """The round hook in the launching process stopped the run (it raised there)."""
+class _Orphaned(BaseException):
+    """The process that launched this run is gone (killed): the run stops at the next round."""
 
 
-@relay_app.main()
-def _relayed(grid: Grid, context: Context) -> None:
-    """Train the job the launching process hands over, relaying each round to its hook."""
+@job_app.main()
+def _run_job(grid: Grid, context: Context) -> None:
+    """Train the job in the directory the run config names; leave the outcome or the failure there."""
+    from safetensors.torch import save_file
+
     from fedtask.data.base import TaskSpec
+    from fedtask.pipeline import RunHook
 
-    host, _, port = str(context.run_config["relay"]).rpartition(":")
-    with socket.create_connection((host, int(port)), timeout=STARTUP_TIMEOUT) as sock:
-        sock.settimeout(None)
-        _send(sock, {"token": str(context.run_config["token"])})
-        job, _ = _recv(sock)
-        try:
-            config = from_dict(job["config"], check=False)  # validated by the launching process
-            spec = TaskSpec(**{**job["spec"], "input_shape": tuple(job["spec"]["input_shape"])})
+    job = Path(str(context.run_config["job"]))
+    (job / STARTED).touch()
+    try:
+        spec_job = json.loads((job / JOB).read_text())
+        config = from_dict(spec_job["config"], check=False)  # validated by the launching process
+        spec = TaskSpec(**{**spec_job["spec"], "input_shape": tuple(spec_job["spec"]["input_shape"])})
+        own = RunHook(config, Path(spec_job["run_dir"]), None) if spec_job["run_dir"] else None
+        launcher = spec_job["launcher"]
+        with open(job / ROUNDS, "a", encoding="utf-8") as rounds:
+            def on_round(server_round: int, encoder, row: dict) -> None:
+                if not _alive(launcher):  # run.py was killed: write nothing more into its run directory
+                    raise _Orphaned()
+                if own is not None:
+                    own(server_round, encoder, row)
+                rounds.write(json.dumps({"round": server_round, "row": row}, default=_plain) + "\n")
+                rounds.flush()
 
-            def relay(server_round: int, encoder, row: dict) -> None:
-                _send(sock, {"type": "round", "round": server_round, "row": row})
-                while True:
-                    answer, _ = _recv(sock)
-                    if answer["type"] == "encoder":
-                        _send(sock, {"type": "state"}, [_state_bytes(encoder)])
-                    elif answer["type"] == "continue":
-                        return
-                    else:
-                        raise _Stopped()
+            outcome = run_federation(grid, config, spec, Path(spec_job["out_dir"]), on_round=on_round,
+                                     **_extra_from_json(spec_job.get("extra", {})))
+        save_file({k: v.detach().cpu().contiguous() for k, v in outcome.initial_encoder.items()},
+                  str(job / INITIAL_ENCODER))
+        save_file({k: v.detach().cpu().contiguous() for k, v in outcome.encoder.items()}, str(job / FINAL_ENCODER))
+        _write_json(job / OUTCOME, {"rounds": outcome.rounds, "evaluation": outcome.evaluation,
+                                    "heads_dir": str(outcome.heads_dir)})
+    except _Orphaned:
+        return
+    except TrainingFailed as err:
+        _write_json(job / FAILURE, {"kind": "failed", "message": str(err)})
+    except Exception as err:  # noqa: BLE001 - raised by the launching process, which reads it here
+        import traceback
 
-            outcome = run_federation(grid, config, spec, Path(job["out_dir"]),
-                                     on_round=relay if job["hooked"] else None,
-                                     **_extra_from_json(job.get("extra", {})))
-        except _Stopped:
-            return
-        except TrainingFailed as err:
-            _send(sock, {"type": "failed", "message": str(err)})
-            return
-        except Exception as err:  # noqa: BLE001 - reported to the launching process, which raises it
-            _send(sock, {"type": "error", "message": f"{type(err).__name__}: {err}",
-                         "traceback": traceback.format_exc()})
-            return
-        _send(sock, {"type": "done", "rounds": outcome.rounds, "evaluation": outcome.evaluation,
-                     "heads_dir": str(outcome.heads_dir)},
-              [_state_bytes(outcome.initial_encoder), _state_bytes(outcome.encoder)])
+        _write_json(job / FAILURE, {"kind": "error", "message": f"{type(err).__name__}: {err}",
+                                    "traceback": traceback.format_exc()})
+    finally:
+        from fedtask import progress
+
+        progress.close_all()

@@ -1,10 +1,12 @@
 """The vectorised engine: the same federation in one process, all sampled tasks at once.
 
-Same sampling (strategies.sampling), same per-task math (fedtask.task.local_round,
-``torch.func.vmap``-ed over the round's tasks instead of called once per Flower
-client), same server aggregation, clipping, noise and optimizer
-(strategies.fedsgd.EncoderAggregator), same seeds: a short run ends with the same
-encoder and heads as the Flower engine, only without the per-client plumbing.
+Same sampling (strategies.sampling), same per-task math (fedtask.task: the head steps
+on embeddings, the encoder gradient of a task's loss) run for all of the round's tasks at
+once instead of once per Flower client, same server aggregation, clipping, noise and
+optimizer (strategies.fedsgd.EncoderAggregator), same seeds: a short run ends with the same
+encoder and heads as the Flower engine, only without the per-client plumbing. Without DP a
+round needs only the mean encoder gradient (:func:`_mean_gradient_round`); with DP or
+normalised updates each task's own gradient is a row of one matrix (:func:`_task_updates_round`).
 """
 from __future__ import annotations
 

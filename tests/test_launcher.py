@@ -1,12 +1,14 @@
 """The flower engine's two launchers: ``flwr run`` on a private SuperLink (flwr-run, the default)
-and ``flwr.simulation.run_simulation`` (deprecated by Flower 1.41). The relay between the
-launching process and the ServerApp is tested on a socket pair; one real run of each launcher
-shows they train the same encoder and heads, byte for byte."""
+and ``flwr.simulation.run_simulation`` (deprecated by Flower 1.41). The job directory, the only
+channel between the launching process and the ServerApp, is tested with a thread writing what the
+ServerApp writes; one real run of each launcher shows they train the same encoder, heads and
+snapshots, byte for byte."""
 import io
 import json
+import re
 import os
-import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -86,89 +88,99 @@ class _Alive:
         return 0 if self.ended else None
 
 
-def _fake_serverapp(sock, rounds, *, fail=None):
-    """The ServerApp's side of the relay, without Flower: what ``simulation._relayed`` sends."""
-    job, _ = simulation._recv(sock)
-    assert job["type"] == "job" and job["hooked"]
-    state = {"w": torch.arange(3, dtype=torch.float32)}
-    for server_round in range(1, rounds + 1):
-        state = {"w": state["w"] + 1}
-        simulation._send(sock, {"type": "round", "round": server_round,
-                                "row": {"round": server_round, "loss": 0.5, "tasks": [0, 1]}})
-        while True:
-            answer, _ = simulation._recv(sock)
-            if answer["type"] == "encoder":
-                simulation._send(sock, {"type": "state"}, [simulation._state_bytes(state)])
-            elif answer["type"] == "continue":
-                break
-            else:
-                return "stopped"
+def _fake_serverapp(job: Path, rounds: int, *, fail=None, crash=False, cli=None):
+    """What :data:`simulation.job_app` leaves in the job directory, without Flower: rows appended
+    a piece at a time, then the outcome or the failure (or nothing, the process having died)."""
+    from safetensors.torch import save_file
+
+    (job / simulation.STARTED).touch()
+    with open(job / simulation.ROUNDS, "a") as handle:
+        for server_round in range(1, rounds + 1):
+            line = json.dumps({"round": server_round, "row": {"round": server_round, "loss": 0.5, "tasks": [0, 1]}})
+            half = len(line) // 2
+            handle.write(line[:half])  # a reader must wait for the end of the line
+            handle.flush()
+            time.sleep(2 * simulation.POLL_S)
+            handle.write(line[half:] + "\n")
+            handle.flush()
+    if crash:
+        cli.ended = True
+        return
     if fail:
-        simulation._send(sock, {"type": "failed", "message": fail})
-        return "failed"
-    simulation._send(sock, {"type": "done", "rounds": [{"round": r, "loss": 0.5, "tasks": [0, 1]}
-                                                       for r in range(1, rounds + 1)],
-                            "evaluation": [{"partition-id": 0, "accuracy": 1.0}], "heads_dir": job["out_dir"]},
-                     [simulation._state_bytes({"w": torch.zeros(3)}), simulation._state_bytes(state)])
-    return "done"
+        simulation._write_json(job / simulation.FAILURE, {"kind": "failed", "message": fail})
+        return
+    save_file({"w": torch.zeros(3)}, str(job / simulation.INITIAL_ENCODER))
+    save_file({"w": torch.full((3,), float(rounds))}, str(job / simulation.FINAL_ENCODER))
+    simulation._write_json(job / simulation.OUTCOME, {
+        "rounds": [{"round": r, "loss": 0.5, "tasks": [0, 1]} for r in range(1, rounds + 1)],
+        "evaluation": [{"partition-id": 0, "accuracy": 1.0}], "heads_dir": str(job)})
 
 
-def _relay(tmp_path, hook, **fake):
-    ours, theirs = socket.socketpair()
-    result = {}
-    thread = threading.Thread(target=lambda: result.update(side=_fake_serverapp(theirs, 3, **fake)))
+def _follow(tmp_path, caller, **fake):
+    job = tmp_path / "job"
+    job.mkdir()
+    cli = _Alive()
+    thread = threading.Thread(target=_fake_serverapp, args=(job, 3), kwargs={**fake, "cli": cli}, daemon=True)
     thread.start()
-    config = tiny()
-    from fedtask.data.base import TaskSpec
-
-    spec = TaskSpec(num_classes=2, input_kind="vector", input_shape=(16,))
+    marks = {}
+    log = simulation._FlowerLog(io.BytesIO(b""))
     try:
-        return simulation._serve(ours, config, spec, tmp_path, hook, {}, _Alive(),
-                                 simulation._FlowerLog(io.BytesIO(b""))), result
+        simulation._follow(job, caller, cli, log, time.perf_counter, marks)
+        return simulation.read_outcome(job, log), marks
     finally:
         thread.join(10)
-        ours.close()
-        theirs.close()
-        result.setdefault("side", None)
 
 
-def test_the_relay_runs_the_hook_every_round_and_returns_the_outcome(tmp_path):
+def test_the_caller_sees_every_round_once_and_the_outcome_is_read_back(tmp_path):
     seen = []
-
-    def hook(server_round, encoder, row):
-        row["seen"] = True  # what a hook adds to a row stays in the outcome's rows
-        if server_round == 2:  # read only when wanted: fetched from the ServerApp on first use
-            seen.append((server_round, dict(encoder)))
-
-    outcome, result = _relay(tmp_path, hook)
-    assert result["side"] == "done"
-    assert [r for r, _ in seen] == [2] and torch.equal(seen[0][1]["w"], torch.tensor([2.0, 3.0, 4.0]))
-    assert torch.equal(outcome.encoder["w"], torch.tensor([3.0, 4.0, 5.0]))
-    assert [row["round"] for row in outcome.rounds] == [1, 2, 3] and all(row["seen"] for row in outcome.rounds)
-    assert outcome.heads_dir == Path(tmp_path)
+    outcome, marks = _follow(tmp_path, lambda server_round, encoder, row: seen.append((server_round, row)))
+    assert [r for r, _ in seen] == [1, 2, 3] and [row["round"] for _, row in seen] == [1, 2, 3]
+    assert torch.equal(outcome.encoder["w"], torch.full((3,), 3.0)) and torch.equal(outcome.initial_encoder["w"],
+                                                                                    torch.zeros(3))
+    assert [row["round"] for row in outcome.rounds] == [1, 2, 3] and outcome.heads_dir == tmp_path / "job"
+    assert "serverapp_s" in marks
 
 
-def test_a_hook_that_raises_stops_the_serverapp(tmp_path):
-    def hook(server_round, encoder, row):
+def test_the_encoder_stays_in_the_serverapp(tmp_path):
+    def reads_encoder(server_round, encoder, row):
+        encoder["w"]
+
+    with pytest.raises(RuntimeError, match="encoder stays in the ServerApp"):
+        _follow(tmp_path, reads_encoder)
+
+
+def test_a_caller_that_raises_stops_following(tmp_path):
+    def interrupted(server_round, encoder, row):
         if server_round == 2:
-            raise TrainingFailed("training diverged at round 2")
+            raise KeyboardInterrupt
 
-    with pytest.raises(TrainingFailed, match="diverged at round 2"):
-        _relay(tmp_path, hook)
+    with pytest.raises(KeyboardInterrupt):
+        _follow(tmp_path, interrupted)
 
 
 def test_a_training_failure_in_the_serverapp_is_raised_here(tmp_path):
     with pytest.raises(TrainingFailed, match="^round 3: 2 of 3 sampled tasks failed$"):
-        _relay(tmp_path, lambda *args: None, fail="round 3: 2 of 3 sampled tasks failed")
+        _follow(tmp_path, None, fail="round 3: 2 of 3 sampled tasks failed")
 
 
-def test_frames_carry_json_and_bytes():
-    a, b = socket.socketpair()
-    with a, b:
-        simulation._send(a, {"type": "x", "value": float("nan"), "n": torch.tensor(3)}, [b"abc", b""])
-        header, blobs = simulation._recv(b)
-    assert header["type"] == "x" and header["n"] == 3 and header["value"] != header["value"]
-    assert blobs == [b"abc", b""]
+def test_a_serverapp_that_dies_without_a_word_is_a_failed_run(tmp_path):
+    with pytest.raises(TrainingFailed, match="^the Flower run ended without a result"):
+        _follow(tmp_path, None, crash=True)
+
+
+def test_the_job_holds_plain_values_only(tmp_path):
+    from fedtask.data.base import TaskSpec
+    from fedtask.pipeline import RunHook
+
+    config = tiny()
+    spec = TaskSpec(num_classes=2, input_kind="vector", input_shape=(16,))
+    job = simulation.write_job(tmp_path / "job", config, spec, tmp_path / "run",
+                               run_hook=RunHook(config, tmp_path / "run", None), extra={})
+    written = json.loads((job / simulation.JOB).read_text())
+    assert written["run_dir"] == str((tmp_path / "run").resolve()) and written["extra"] == {}
+    from fedtask.config import from_dict
+
+    assert from_dict(written["config"], check=False) == config
 
 
 @pytest.mark.simulation
@@ -177,11 +189,13 @@ def test_both_launchers_train_the_same_bytes(tmp_path):
     runs = {}
     for launcher in ("flwr-run", "run_simulation"):
         out = tmp_path / launcher
-        run_training(with_overrides(tiny(), {"federation.launcher": launcher}), out, on_round=None)
+        run_training(with_overrides(tiny("federation.snapshot_every=2"), {"federation.launcher": launcher}), out,
+                     on_round=None)
         runs[launcher] = out
     a, b = runs["flwr-run"], runs["run_simulation"]
     files = sorted(p.relative_to(a) for p in a.rglob("*.safetensors"))
-    assert len(files) == 8  # two encoders, six heads
+    assert len(files) == 10  # two encoders, six heads, the snapshots of rounds 2 and 4 (written in the ServerApp)
+    assert re.search(r"round +4/4", (a / "run.log").read_text())  # the ServerApp's rounds reach the run's log
     for name in files:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 

@@ -35,16 +35,23 @@ def ray_command() -> str:
 
 
 def stop_cluster(head: subprocess.Popen) -> None:
-    """SIGTERM the `ray start --block` process and everything below it (GCS, raylet, agents, workers),
-    then SIGKILL what is left: this cluster only."""
+    """SIGTERM the `ray start --block` process and everything in its session (GCS, raylet, agents,
+    workers), then SIGKILL what is left: this cluster only."""
     import psutil
 
-    try:
-        root = psutil.Process(head.pid)
-        tree = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        tree = []
+    def cluster() -> list:  # its own session (start_new_session): agents Ray re-parents to init stay in it
+        found = []
+        for proc in psutil.process_iter():
+            try:
+                if os.getsid(proc.pid) == head.pid:
+                    found.append(proc)
+            except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
+                pass
+        return found
+
+    tree = cluster()
     for sig in (signal.SIGTERM, signal.SIGKILL):
+        tree = list({proc.pid: proc for proc in [*tree, *cluster()]}.values())
         for proc in tree:
             try:
                 proc.send_signal(sig)

@@ -54,7 +54,8 @@ def test_lora_adapters_persist_in_their_clients_and_never_reach_the_server(tmp_p
                  "train_samples_per_task": 8, "holdout_samples_per_task": 4, "max_length": 16, "num_tags": 8},
         "model": {"encoder": "bert", "pretrained_path": str(tiny_bert(tmp_path / "bert")), "random_init": True,
                   "embedding_dim": 8, "head": "lora", "lora_r": 2, "lora_alpha": 4.0},
-        "federation": {**FEDERATION, "head_lr": 0.5}, "attack": ATTACK})
+        # run_simulation: the ServerApp runs in this process, where the recording below sees it
+        "federation": {**FEDERATION, "head_lr": 0.5, "launcher": "run_simulation"}, "attack": ATTACK})
 
     aggregated: list[set[str]] = []
     step = EncoderAggregator.step
