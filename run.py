@@ -12,6 +12,7 @@
     python run.py trajectory --run DIR     [--set attack.KEY=VALUE ...] [--head-steps N]
     python run.py heads      --run DIR
     python run.py bench      [--out DIR] [--quick] [--accountants] [--peers [--peers-python PYTHON] [--threads N]]
+                             [--launchers]
 
 Every command takes -q/--quiet: only errors and the final tables (the run's run.log keeps the rest).
 Bad input exits with status 2 and one line naming the key or file.
@@ -79,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="only (with --accountants: also) pfl-research beside the vectorized engine on the same work")
     p.add_argument("--peers-python", default=None, metavar="PYTHON",
                    help="interpreter that has pfl installed (default: $FEDTASK_PEERS_PYTHON, else this one)")
+    p.add_argument("--launchers", action="store_true",
+                   help="only the Flower engine through flwr run vs run_simulation (bench_launchers.json/.md)")
     p.add_argument("--threads", type=int, default=None,
                    help="--peers: torch threads for both sides (default: torch's own count)")
     for command in sub.choices.values():  # every command: only errors and the final tables
@@ -235,6 +238,13 @@ def _dispatch(args) -> int:
         print((out / "study.md").read_text(), flush=True)
         return 0
     if args.command == "bench":
+        if args.launchers:
+            if args.peers or args.accountants:
+                raise ConfigError("--launchers: runs alone; run --peers/--accountants separately")
+            from fedtask.bench import write_launchers
+
+            write_launchers(_out_dir(args.out, "bench"), quick=args.quick)
+            return 0
         if args.peers or args.accountants:
             from fedtask.bench_peers import run_sections
 

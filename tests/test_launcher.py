@@ -213,7 +213,7 @@ def _table_rows(text: str) -> list[list[str]]:
 
 def test_readme_launcher_table_is_the_committed_bench_file():
     """README's launcher table is a copy of docs/bench_launchers.md, which bench.format_launchers wrote
-    from docs/bench_launchers.json (python -m fedtask.bench --launchers --out docs)."""
+    from docs/bench_launchers.json (python run.py bench --launchers --out docs)."""
     from fedtask.bench import format_launchers
 
     root = Path(__file__).resolve().parents[1]

@@ -54,6 +54,7 @@ def _same_run(a: Path, b: Path) -> None:
     assert rows(a) == rows(b) and len(rows(a)) == 120
     privacy_a, privacy_b = (rundir.read_json(p / rundir.RESULTS)["privacy"] for p in (a, b))
     # every encoder round is accounted exactly once: the log's training rounds are the accountant's steps
+    print(f"vectorized kill-and-resume: encoders torch.equal; epsilon {privacy_a['epsilon']} vs {privacy_b['epsilon']}")
     assert privacy_a["epsilon"] == privacy_b["epsilon"] and privacy_b["rounds"] == 115
     assert checkpoint.encoder_rounds_done(rundir.read_json(b / rundir.METRICS)["rounds"]) == 115
 
