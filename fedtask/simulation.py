@@ -523,6 +523,8 @@ _QUIET = re.compile(r"^(INFO|DEBUG)\s*:|^Using SuperLink:|^Successfully started 
                     r"^Successfully installed fedtask-run to|default simulated SuperNodes changed|"
                     r"Manually terminating ClientAppActor")
 
+_ERROR = re.compile(r"^(ERROR|CRITICAL)\b|Traceback|Error:|Exception")
+
 
 class _FlowerLog:
     """``flwr run --stream``'s output, passed to stderr without Flower's INFO chatter."""
@@ -542,8 +544,14 @@ class _FlowerLog:
             if text.startswith("Successfully started run") and self._clock:
                 self._marks.setdefault("submitted_s", self._clock())
             self.lines.append(text)
-            if not _QUIET.search(text):
-                print(line, file=sys.stderr, flush=True)
+            if _QUIET.search(text):
+                continue
+            from fedtask import progress
+
+            if _ERROR.search(text):  # shown even with --quiet, and kept in run.log
+                progress.error(line)
+            else:  # above the progress bar; not with --quiet
+                progress.log(line, files=False)
 
     def join(self, timeout: float = 5.0) -> None:
         self._thread.join(timeout)

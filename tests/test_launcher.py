@@ -77,6 +77,15 @@ def test_flower_log_passes_warnings_and_errors_but_not_flower_chatter(capsys):
                      "(ClientAppActor pid=7) ERROR :     a client raised", "Traceback (most recent call last):"]
     assert log.last_error() == "ERROR :     a client raised"
 
+    from fedtask import progress
+
+    progress.set_quiet(True)  # --quiet: Flower's errors still show, its warnings do not
+    try:
+        simulation._FlowerLog(io.BytesIO("\n".join(lines).encode() + b"\n")).join()
+    finally:
+        progress.set_quiet(False)
+    assert capsys.readouterr().err.splitlines() == shown[1:]
+
 
 class _Alive:
     """A stand-in for the ``flwr run`` process: running until the test says otherwise."""
