@@ -46,6 +46,7 @@ from flwr.app import Context
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from fedtask import rundir
 from fedtask.client_app import app as default_client_app
 from fedtask.config import ConfigError, from_dict
 from fedtask.engines import RoundHook, TrainingFailed, TrainingOutcome
@@ -574,9 +575,7 @@ def _plain(value):
 
 def _write_json(path: Path, value) -> None:
     """Written whole or not at all: the launching process takes a file's existence as its content's."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(value, default=_plain))
-    os.replace(partial, path)
+    rundir.write_text(path, json.dumps(value, default=_plain))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -592,8 +591,6 @@ class _Orphaned(BaseException):
 @job_app.main()
 def _run_job(grid: Grid, context: Context) -> None:
     """Train the job in the directory the run config names; leave the outcome or the failure there."""
-    from safetensors.torch import save_file
-
     from fedtask.data.base import TaskSpec
     from fedtask.pipeline import RunHook
 
@@ -615,10 +612,9 @@ def _run_job(grid: Grid, context: Context) -> None:
                 rounds.flush()
 
             outcome = run_federation(grid, config, spec, Path(spec_job["out_dir"]), on_round=on_round,
-                                     **_extra_from_json(spec_job.get("extra", {})))
-        save_file({k: v.detach().cpu().contiguous() for k, v in outcome.initial_encoder.items()},
-                  str(job / INITIAL_ENCODER))
-        save_file({k: v.detach().cpu().contiguous() for k, v in outcome.encoder.items()}, str(job / FINAL_ENCODER))
+                                     **_extra_from_json(spec_job["extra"]))
+        rundir.save_state(outcome.initial_encoder, job / INITIAL_ENCODER)
+        rundir.save_state(outcome.encoder, job / FINAL_ENCODER)
         _write_json(job / OUTCOME, {"rounds": outcome.rounds, "evaluation": outcome.evaluation,
                                     "heads_dir": str(outcome.heads_dir)})
     except _Orphaned:

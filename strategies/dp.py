@@ -45,8 +45,8 @@ def update_norms(updates: Tensor) -> Tensor:
     return torch.linalg.vector_norm(updates, dim=1)
 
 
-def _clip(updates: Tensor, clipping_norm: float) -> tuple[Tensor, Tensor]:
-    """(clipped updates, pre-clip norms); rows scaled by min(1, C/||row||)."""
+def _clip_factors(updates: Tensor, clipping_norm: float) -> tuple[Tensor, Tensor]:
+    """(per-row factors min(1, C/||row||), pre-clip norms)."""
     finite("clipping_norm", clipping_norm, strict=True)
     norms = update_norms(updates)
     bad = ~torch.isfinite(norms)
@@ -55,8 +55,13 @@ def _clip(updates: Tensor, clipping_norm: float) -> tuple[Tensor, Tensor]:
         rows = torch.nonzero(bad).flatten().tolist()
         raise ValueError(f"updates has non-finite row(s) {rows[:10]}: no scaling bounds them by clipping_norm")
     # A zero row gives C/0 = inf -> factor 1, so it stays zero (no NaN).
-    factors = (clipping_norm / norms).clamp(max=1.0)
-    return updates * factors.unsqueeze(1).to(updates.dtype), norms
+    return (clipping_norm / norms).clamp(max=1.0).to(updates.dtype), norms
+
+
+def _clip(updates: Tensor, clipping_norm: float) -> tuple[Tensor, Tensor]:
+    """(clipped updates, pre-clip norms); rows scaled by min(1, C/||row||)."""
+    factors, norms = _clip_factors(updates, clipping_norm)
+    return updates * factors.unsqueeze(1), norms
 
 
 def clip_updates(updates: Tensor, clipping_norm: float) -> Tensor:
@@ -134,8 +139,11 @@ def dp_aggregate(
     """
     if not (is_real(expected_tasks) and math.isfinite(expected_tasks) and expected_tasks > 0):
         raise ValueError(f"expected_tasks (q * num_in_tasks) must be a finite number > 0; got {shown(expected_tasks)}")
-    clipped, norms = _clip(updates, clipping_norm)
-    total = noised_sum(clipped, noise_multiplier, clipping_norm, generator)
+    factors, norms = _clip_factors(updates, clipping_norm)
+    # the clipped rows' sum as one matrix-vector product: no clipped copy of the (n, p) matrix,
+    # which for a few hundred tasks costs more in fresh memory than the clipping itself
+    clipped_sum = (factors @ updates).unsqueeze(0)
+    total = noised_sum(clipped_sum, noise_multiplier, clipping_norm, generator)
     return DPAggregate(
         update=total / expected_tasks,
         norms=norms,

@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 import torch
 
 from strategies._checks import finite, flag, integer, is_real, shown
-from strategies.dp import clip_updates, clipped_fraction, noised_sum, update_norms
+from strategies.dp import dp_aggregate
 from strategies.sampling import noise_generator
 
 
@@ -140,9 +140,11 @@ class EncoderAggregator:
         if updates.numel() == 0:
             updates = torch.zeros(0, size)
         if self.dp_enabled:
-            mean, norms = self._dp_release(updates, server_round)
+            release = dp_aggregate(updates, self.clipping_norm, self.noise_multiplier, self.expected_tasks,
+                                   noise_generator(self.seed, server_round))
+            mean, norms = release.update, release.norms
             metrics = {"update_norm_mean": float(norms.mean()) if len(norms) else 0.0,
-                       "clipped_fraction": clipped_fraction(norms, self.clipping_norm)}
+                       "clipped_fraction": release.clipped_fraction}
         else:
             norms = updates.norm(dim=1) if len(updates) else torch.zeros(0)
             metrics = {"update_norm_mean": float(norms.mean()) if len(norms) else 0.0}
@@ -150,24 +152,6 @@ class EncoderAggregator:
                 updates = updates / norms.clamp_min(1e-12)[:, None]
             mean = updates.mean(0) if len(updates) else torch.zeros(size)
         return {**metrics, **self._apply(mean)}
-
-    def _dp_release(self, updates: torch.Tensor, server_round: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``dp_aggregate`` of the updates, without a second (tasks, parameters) matrix: (noised mean, pre-clip norms).
-
-        The same mechanism: each row scaled by min(1, C / its norm) as ``clip_updates`` does, the
-        scaled rows summed, N(0, (zC)^2) noise added (``noised_sum``: the same draw), the sum divided
-        by the expected number of tasks. The scaled sum is one matrix-vector product, equal up to the
-        order of the float sum; ``dp_aggregate`` first writes the clipped rows to a new matrix, which
-        for a few hundred tasks costs more in fresh memory than the clipping itself.
-        """
-        norms = update_norms(updates)
-        if not bool(torch.isfinite(norms).all()):
-            clip_updates(updates, self.clipping_norm)  # raises, naming the non-finite rows
-        factors = (self.clipping_norm / norms).clamp(max=1.0)  # a zero row: C/0 = inf -> 1, stays zero
-        total = factors.to(updates.dtype) @ updates
-        noised = noised_sum(total[None], self.noise_multiplier, self.clipping_norm,
-                            noise_generator(self.seed, server_round))
-        return noised / self.expected_tasks, norms
 
     def step_mean(self, mean_grads: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """Apply an already averaged gradient (only valid when not ``needs_task_updates``)."""
